@@ -1,0 +1,1 @@
+//! The rexstream runtime: GStreamer ingest → latest-frame slots → scheduler → detector worker → sinks.
