@@ -1,1 +1,2 @@
 //! The rexstream runtime: GStreamer ingest → latest-frame slots → scheduler → detector worker → sinks.
+pub mod shard;
