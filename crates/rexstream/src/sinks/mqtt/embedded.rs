@@ -1,0 +1,138 @@
+//! The embedded MQTT broker: with no `[mqtt]` section, `rexstream run` serves MQTT 3.1.1 itself
+//! so any client can subscribe at once (issue 5 item 7).
+//!
+//! In: a listen address (default [`DEFAULT_LISTEN`], loopback). Out: a running rumqttd broker on
+//! its own threads (rumqttd starts a router thread and one thread with a current-thread tokio
+//! runtime per listener; it does not use ours). The MQTT sink connects to it like to any broker,
+//! with [`super::MqttConfig::embedded`].
+//!
+//! rumqttd keeps retained messages (`available`, `prompt/state`) in memory, so they are served
+//! to late subscribers as with mosquitto; nothing survives a process restart, which is fine for
+//! a broker whose only publisher is this process. rumqttd has no way to stop a broker: it lives
+//! until the process exits.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use tracing::{error, info};
+
+use crate::sinks::SinkError;
+
+/// Loopback only: an unauthenticated broker must not be reachable from the network by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
+
+/// How long to wait for the broker's listener to accept connections after start.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `[broker]` section: the embedded broker, used only when there is no `[mqtt]` section.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedBrokerConfig {
+    /// Listen address; keep it on loopback unless the network is trusted (no authentication).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1883))
+}
+
+impl Default for EmbeddedBrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+/// A running embedded broker.
+#[derive(Debug)]
+pub struct Handle {
+    pub addr: SocketAddr,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+/// Start the broker on `addr` and return once it accepts TCP connections.
+///
+/// # Errors
+/// If the address is taken (checked before start: rumqttd only logs a bind failure on its own
+/// thread) or the broker does not come up within [`READY_TIMEOUT`].
+pub fn start(addr: SocketAddr) -> Result<Handle, SinkError> {
+    // rumqttd binds on its server thread and only logs failure there; probe first so a taken
+    // port is a clear start-up error. (A tiny race with another process binding in between
+    // remains; the readiness wait below would then time out with the same message.)
+    drop(TcpListener::bind(addr).map_err(|e| SinkError::Broker {
+        addr,
+        reason: format!(
+            "cannot listen ({e}); set another address or configure an external [mqtt] broker"
+        ),
+    })?);
+
+    let server = ServerSettings {
+        name: "v4-embedded".to_string(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            // Detections documents with many polygons can be large; match the sink's 1 MiB.
+            max_payload_size: 1 << 20,
+            max_inflight_count: 1024,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 1024,
+            max_outgoing_packet_count: 1024,
+            // rumqttd keeps each topic's messages in segments; these bound its memory:
+            // 10 segments of 16 MiB per topic.
+            max_segment_size: 16 << 20,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("embedded".to_string(), server)])),
+        v5: None,
+        ws: None,
+        cluster: None,
+        console: None,
+        bridge: None,
+        prometheus: None,
+        metrics: None,
+    };
+    let thread = std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = Broker::new(config);
+            if let Err(e) = broker.start() {
+                error!(message = "Embedded MQTT broker stopped.", error = %e);
+            }
+        })
+        .map_err(|e| SinkError::Broker {
+            addr,
+            reason: format!("cannot spawn its thread: {e}"),
+        })?;
+
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() >= deadline || thread.is_finished() {
+            return Err(SinkError::Broker {
+                addr,
+                reason: format!("not accepting connections after {READY_TIMEOUT:?}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    info!(message = "Embedded MQTT broker listening.", address = %addr);
+    Ok(Handle {
+        addr,
+        _thread: thread,
+    })
+}
