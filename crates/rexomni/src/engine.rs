@@ -1,0 +1,366 @@
+//! The detector engine: load a Rex-Omni checkpoint once, then turn batches of (pixel_values, prompt ids) into
+//! generated ids with per-token log-probabilities.
+//!
+//! In: [`GenerateRequest`]s (one image each, any sizes) + [`GenerateParams`]. Out: one [`GenerateOutput`] per
+//! request. Decoding is greedy with HF's repetition penalty over prompt + generated ids, stopping on
+//! `<|im_end|>` / `<|endoftext|>` (rex-omni-spec.md §5.5). Runs on the caller's thread (the detector worker);
+//! the model is immutable, so `generate` takes `&self`.
+//!
+//! Batching: vision and prefill run per request (prompt lengths differ by hundreds of image tokens, and a
+//! prefill is already a large matmul); the caches are then left-padded to a common length and all active rows
+//! decode together, padded key slots masked with −∞ (an exact zero weight), finished rows dropped from the
+//! batch. Each row's ids are therefore those it gets alone (tested in tests/model_generate.rs).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use crate::model::ModelError;
+use crate::model::{KvCache, Qwen25Vl};
+use crate::protocol::RexTokenizer;
+
+/// `<|im_end|>` and `<|endoftext|>` (spec §5.5).
+pub const STOP_IDS: [u32; 2] = [151645, 151643];
+
+pub struct LoadOptions {
+    /// Hub id (e.g. "IDEA-Research/Rex-Omni") or a local checkpoint folder.
+    pub source: String,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+pub struct GenerateRequest {
+    /// `[N, 1176]` f32, rows in merge-group order (rexprep::Prepared::pixel_values).
+    pub pixel_values: Tensor,
+    pub grid_thw: [usize; 3],
+    /// Full chat-templated prompt with `N/4` `<|image_pad|>` ids (RexTokenizer::encode_chat).
+    pub prompt_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    /// HF `RepetitionPenaltyLogitsProcessor`; Rex-Omni uses 1.05. 1.0 disables it.
+    pub repetition_penalty: f32,
+    /// How many (id, logprob) of the pre-penalty distribution to keep per step; 0 = none.
+    pub top_logprobs: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 4096,
+            repetition_penalty: 1.05,
+            top_logprobs: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageTimings {
+    pub vision: Duration,
+    pub prefill: Duration,
+    /// Wall time of the decode steps while this row was in the batch.
+    pub decode: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOutput {
+    /// Generated ids, including the stop id when one was produced.
+    pub token_ids: Vec<u32>,
+    /// `log_softmax` of the raw (pre-penalty) logits at each chosen id.
+    pub logprobs: Vec<f32>,
+    /// Top-K (id, logprob) of the pre-penalty distribution per step (empty when `top_logprobs` = 0).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    pub stopped_on_eos: bool,
+    pub timings: StageTimings,
+}
+
+pub struct RexOmni {
+    model: Qwen25Vl,
+    tokenizer: RexTokenizer,
+    model_id: String,
+}
+
+impl RexOmni {
+    pub fn load(opts: &LoadOptions) -> Result<Self, ModelError> {
+        let dir = crate::hub::resolve(&opts.source)?;
+        let tokenizer =
+            RexTokenizer::from_dir(&dir).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let model = crate::model::loading::load_dir(&dir, &opts.device, opts.dtype)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            model_id: opts.source.clone(),
+        })
+    }
+
+    /// Wrap an already-built network (benchmarks with random weights, tests).
+    pub fn from_parts(model: Qwen25Vl, tokenizer: RexTokenizer, model_id: String) -> Self {
+        Self {
+            model,
+            tokenizer,
+            model_id,
+        }
+    }
+
+    pub fn tokenizer(&self) -> &RexTokenizer {
+        &self.tokenizer
+    }
+    pub fn device(&self) -> &Device {
+        self.model.device()
+    }
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+    pub fn model(&self) -> &Qwen25Vl {
+        &self.model
+    }
+
+    /// One batch; each row's output identical to running it alone.
+    pub fn generate(
+        &self,
+        requests: &[GenerateRequest],
+        params: &GenerateParams,
+    ) -> Result<Vec<GenerateOutput>, ModelError> {
+        generate(&self.model, requests, params)
+    }
+}
+
+/// Per-row decoding state.
+struct Row {
+    seen: HashSet<u32>,
+    out: GenerateOutput,
+    /// Prompt length + rope delta: the token fed at step `s` sits at position `base + s`.
+    base: i64,
+    /// Left padding slots in the shared cache.
+    pad: usize,
+    done: bool,
+}
+
+/// Greedy generation for a batch (see the module doc for the batching scheme).
+pub fn generate(
+    model: &Qwen25Vl,
+    requests: &[GenerateRequest],
+    params: &GenerateParams,
+) -> Result<Vec<GenerateOutput>, ModelError> {
+    let dev = model.device().clone();
+    let mut rows = Vec::with_capacity(requests.len());
+    let mut caches = Vec::with_capacity(requests.len());
+    let mut first_logits = Vec::with_capacity(requests.len());
+    for (index, r) in requests.iter().enumerate() {
+        let t0 = Instant::now();
+        let emb = model
+            .encode_image(&r.pixel_values, r.grid_thw)
+            .map_err(|e| with_index(e, index))?;
+        sync(&dev)?;
+        let t1 = Instant::now();
+        let p = model
+            .prefill(&r.prompt_ids, &emb, r.grid_thw)
+            .map_err(|e| with_index(e, index))?;
+        let l = r.prompt_ids.len();
+        let last = model
+            .logits(&p.hidden.narrow(1, l - 1, 1)?)?
+            .flatten_all()?;
+        first_logits.push(last);
+        sync(&dev)?;
+        let t2 = Instant::now();
+        caches.push(p.cache);
+        rows.push(Row {
+            seen: r.prompt_ids.iter().copied().collect(),
+            out: GenerateOutput {
+                token_ids: Vec::new(),
+                logprobs: Vec::new(),
+                top_logprobs: Vec::new(),
+                stopped_on_eos: false,
+                timings: StageTimings {
+                    vision: t1 - t0,
+                    prefill: t2 - t1,
+                    decode: Duration::ZERO,
+                },
+            },
+            base: l as i64 + p.rope_delta,
+            pad: 0,
+            done: params.max_new_tokens == 0,
+        });
+    }
+    if requests.is_empty() || params.max_new_tokens == 0 {
+        return Ok(rows.into_iter().map(|r| r.out).collect());
+    }
+
+    // Step 0 from the prefill logits.
+    let t_dec = Instant::now();
+    for (row, logits) in rows.iter_mut().zip(&first_logits) {
+        pick(row, &logits.to_vec1::<f32>()?, params);
+    }
+    let mut cache = left_pad_and_stack(&caches, &mut rows, &dev, model.dtype())?;
+    drop(caches);
+    // `active[i]` = index into `rows` of batch row i.
+    let mut active: Vec<usize> = (0..rows.len()).collect();
+    loop {
+        let keep: Vec<usize> = (0..active.len())
+            .filter(|&i| !rows[active[i]].done)
+            .collect();
+        let elapsed = t_dec.elapsed();
+        for &a in &active {
+            if rows[a].done && rows[a].out.timings.decode.is_zero() {
+                rows[a].out.timings.decode = elapsed;
+            }
+        }
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() != active.len() {
+            let idx: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
+            cache.select_rows(&Tensor::from_vec(idx, keep.len(), &dev)?)?;
+            active = keep.iter().map(|&i| active[i]).collect();
+            // Columns that are padding for every remaining row could be trimmed here; kept for simplicity.
+        }
+        let tokens: Vec<u32> = active
+            .iter()
+            .map(|&a| *rows[a].out.token_ids.last().unwrap_or(&0))
+            .collect();
+        let positions: Vec<u32> = active
+            .iter()
+            .map(|&a| (rows[a].base + rows[a].out.token_ids.len() as i64 - 1).max(0) as u32)
+            .collect();
+        let t = cache.len() + 1;
+        let mask = if active.iter().any(|&a| rows[a].pad > 0) {
+            let m: Vec<f32> = active
+                .iter()
+                .flat_map(|&a| {
+                    let pad = rows[a].pad;
+                    (0..t).map(move |j| if j < pad { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            Some(Tensor::from_vec(m, (active.len(), 1, 1, t), &dev)?)
+        } else {
+            None
+        };
+        let logits = model
+            .decode_step(&tokens, &positions, mask.as_ref(), &mut cache)?
+            .to_vec2::<f32>()?;
+        for (&a, l) in active.iter().zip(&logits) {
+            pick(&mut rows[a], l, params);
+        }
+    }
+    Ok(rows.into_iter().map(|r| r.out).collect())
+}
+
+fn with_index(e: ModelError, index: usize) -> ModelError {
+    match e {
+        ModelError::Request { msg, .. } => ModelError::Request { index, msg },
+        ModelError::Candle(c) => ModelError::Request {
+            index,
+            msg: c.to_string(),
+        },
+        other => other,
+    }
+}
+
+/// CUDA runs asynchronously: synchronise so stage timings are real.
+fn sync(dev: &Device) -> Result<(), ModelError> {
+    Ok(dev.synchronize()?)
+}
+
+/// Record the pre-penalty log-probabilities, apply the repetition penalty, take the argmax (first maximum, as
+/// torch.argmax), append it. Returns the chosen id.
+fn pick(row: &mut Row, logits: &[f32], params: &GenerateParams) -> u32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max as f64
+        + logits
+            .iter()
+            .map(|&x| ((x - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
+    // Penalise only the ids seen so far (HF gathers them, rescales, scatters back), then argmax.
+    let p = params.repetition_penalty;
+    let mut scores = logits.to_vec();
+    if p != 1.0 {
+        for &id in &row.seen {
+            if let Some(x) = scores.get_mut(id as usize) {
+                *x = if *x > 0.0 { *x / p } else { *x * p };
+            }
+        }
+    }
+    let mut best = (0u32, f32::NEG_INFINITY);
+    for (i, &s) in scores.iter().enumerate() {
+        if s > best.1 {
+            best = (i as u32, s);
+        }
+    }
+    let id = best.0;
+    row.out.token_ids.push(id);
+    row.out
+        .logprobs
+        .push((logits[id as usize] as f64 - lse) as f32);
+    if params.top_logprobs > 0 {
+        let k = params.top_logprobs.min(logits.len());
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        idx.truncate(k);
+        idx.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        row.out.top_logprobs.push(
+            idx.into_iter()
+                .map(|i| (i, (logits[i as usize] as f64 - lse) as f32))
+                .collect(),
+        );
+    }
+    row.seen.insert(id);
+    if STOP_IDS.contains(&id) {
+        row.out.stopped_on_eos = true;
+        row.done = true;
+    } else if row.out.token_ids.len() >= params.max_new_tokens {
+        row.done = true;
+    }
+    id
+}
+
+/// Stack per-row prefill caches `[1, kvh, L_i, hd]` into `[B, kvh, max L, hd]`, zero-padded on the left;
+/// records each row's padding for the decode mask.
+fn left_pad_and_stack(
+    caches: &[KvCache],
+    rows: &mut [Row],
+    dev: &Device,
+    dtype: DType,
+) -> Result<KvCache, ModelError> {
+    let t = caches.iter().map(KvCache::len).max().unwrap_or(0);
+    for (c, r) in caches.iter().zip(rows.iter_mut()) {
+        r.pad = t - c.len();
+    }
+    if caches.len() == 1 {
+        return Ok(caches[0].clone());
+    }
+    let n_layers = caches[0].layers.len();
+    let mut out = KvCache::new(n_layers);
+    for li in 0..n_layers {
+        let mut ks = Vec::with_capacity(caches.len());
+        let mut vs = Vec::with_capacity(caches.len());
+        for (c, r) in caches.iter().zip(rows.iter()) {
+            let (k, v) = c.layers[li].as_ref().ok_or_else(|| ModelError::Request {
+                index: 0,
+                msg: "empty cache".into(),
+            })?;
+            if r.pad == 0 {
+                ks.push(k.clone());
+                vs.push(v.clone());
+            } else {
+                let (_, h, _, d) = k.dims4()?;
+                let z = Tensor::zeros((1, h, r.pad, d), dtype, dev)?;
+                ks.push(Tensor::cat(&[&z, k], 2)?);
+                vs.push(Tensor::cat(&[&z, v], 2)?);
+            }
+        }
+        out.layers[li] = Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
+    }
+    Ok(out)
+}

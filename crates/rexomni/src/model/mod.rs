@@ -1,0 +1,210 @@
+//! Qwen2.5-VL (the Rex-Omni network) on candle: the glue between the vision tower and the decoder.
+//!
+//! In: a checkpoint folder (`loading`), then per request `pixel_values` + `grid_thw` + prompt ids.
+//! Out: image embeddings, prefill hidden states / logits with a filled [`KvCache`] and the rope delta, and
+//! decode steps. Owns only the glue (spec §3.4-3.5: splicing image rows into `<|image_pad|>` slots, M-RoPE
+//! positions, masks); the sub-networks are `vision` and `text`. Generation policy lives in `crate::engine`.
+
+pub mod attention;
+pub mod config;
+pub mod loading;
+pub mod rope;
+pub mod text;
+pub mod vision;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use config::{Config, TextConfig, VisionConfig};
+pub use text::KvCache;
+
+/// Everything that can go wrong loading or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: field `{field}`: {msg}", path.display())]
+    Config {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+    #[error("{}: {msg}", path.display())]
+    Weights { path: PathBuf, msg: String },
+    #[error("model `{model}`: {msg}")]
+    Hub { model: String, msg: String },
+    #[error("request {index}: {msg}")]
+    Request { index: usize, msg: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The loaded network. Immutable after load; per-sequence state is in [`KvCache`].
+pub struct Qwen25Vl {
+    pub cfg: Config,
+    vision: vision::VisionTower,
+    text: text::TextModel,
+    device: Device,
+    dtype: DType,
+}
+
+/// Result of a prefill for one sequence.
+pub struct Prefill {
+    /// `[1, L, hidden]` final-layer hidden states (before the final norm).
+    pub hidden: Tensor,
+    pub cache: KvCache,
+    /// Position offset for decode: the token at cache index `p` gets position `p + rope_delta` (spec §3.4).
+    pub rope_delta: i64,
+    pub positions: Vec<[u32; 3]>,
+}
+
+impl Qwen25Vl {
+    /// Build from a `VarBuilder` rooted at the checkpoint, with the tensor prefixes already chosen
+    /// (`loading::load` does that for a folder; the benchmark passes random weights).
+    pub fn new(
+        cfg: Config,
+        vision_vb: VarBuilder,
+        text_vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+    ) -> Result<Self, ModelError> {
+        let device = text_vb.device().clone();
+        let dtype = text_vb.dtype();
+        let vision = vision::VisionTower::new(&cfg.vision, vision_vb)?;
+        let text = text::TextModel::new(&cfg.text, text_vb, lm_head)?;
+        Ok(Self {
+            cfg,
+            vision,
+            text,
+            device,
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Vision tower: `[gh·gw, 1176]` → `[gh·gw/4, hidden]` in the model dtype.
+    pub fn encode_image(
+        &self,
+        pixel_values: &Tensor,
+        grid_thw: [usize; 3],
+    ) -> Result<Tensor, ModelError> {
+        Ok(self.vision.forward(pixel_values, grid_thw)?)
+    }
+
+    /// Text embeddings with the image rows spliced into the `<|image_pad|>` slots, in order (spec §3.5).
+    fn splice(&self, ids: &[u32], image_embeds: &Tensor) -> Result<Tensor, ModelError> {
+        let l = ids.len();
+        let n_img = image_embeds.dim(0)?;
+        let pads = ids
+            .iter()
+            .filter(|&&t| t == self.cfg.image_token_id)
+            .count();
+        if pads != n_img {
+            return Err(ModelError::Request {
+                index: 0,
+                msg: format!(
+                    "prompt has {pads} <|image_pad|> tokens but the image gives {n_img} embeddings"
+                ),
+            });
+        }
+        let ids_t = Tensor::from_vec(ids.to_vec(), l, &self.device)?;
+        let text = self.text.embed(&ids_t)?;
+        if n_img == 0 {
+            return Ok(text);
+        }
+        let mut k = 0u32;
+        let gather: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if t == self.cfg.image_token_id {
+                    k += 1;
+                    (l as u32) + k - 1
+                } else {
+                    i as u32
+                }
+            })
+            .collect();
+        let all = Tensor::cat(&[&text, &image_embeds.to_dtype(self.dtype)?], 0)?;
+        Ok(all.index_select(&Tensor::from_vec(gather, l, &self.device)?, 0)?)
+    }
+
+    /// Causal prefill of one prompt holding one image (`grid_thw`), starting from an empty cache.
+    pub fn prefill(
+        &self,
+        ids: &[u32],
+        image_embeds: &Tensor,
+        grid_thw: [usize; 3],
+    ) -> Result<Prefill, ModelError> {
+        let m = self.cfg.vision.spatial_merge_size;
+        let (lh, lw) = (grid_thw[1] / m, grid_thw[2] / m);
+        let embeds = self.splice(ids, image_embeds)?.unsqueeze(0)?;
+        let (positions, rope_delta) = rope::mrope_positions(ids, self.cfg.image_token_id, lh, lw);
+        let (cos, sin) = self.cos_sin(&positions)?;
+        let l = ids.len();
+        let dev = self.device.clone();
+        let mask =
+            move |start: usize, rows: usize| text::causal_mask(start, rows, 0, l, &dev).map(Some);
+        let mut cache = KvCache::new(self.cfg.text.num_hidden_layers);
+        let hidden = self.text.forward(&embeds, &cos, &sin, &mask, &mut cache)?;
+        Ok(Prefill {
+            hidden,
+            cache,
+            rope_delta,
+            positions,
+        })
+    }
+
+    /// f32 logits for hidden rows `[.., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.text.logits(hidden)?)
+    }
+
+    /// One decode step for `B` sequences sharing a (left-padded) cache: `tokens[b]` sits at M-RoPE position
+    /// `positions[b]` (all three components equal after the image, spec §3.4). `key_mask`: additive f32
+    /// `[B, 1, 1, T+1]` hiding the padding slots, or `None` when no row is padded. Returns `[B, vocab]` f32.
+    pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        key_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let b = tokens.len();
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
+        let embeds = self.text.embed(&ids)?;
+        let pos: Vec<[u32; 3]> = positions.iter().map(|&p| [p; 3]).collect();
+        let (cos, sin) = self.cos_sin(&pos)?;
+        let half = cos.dim(1)?;
+        let (cos, sin) = (cos.reshape((b, 1, half))?, sin.reshape((b, 1, half))?);
+        let mask = key_mask.cloned();
+        let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
+        let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
+        Ok(self.text.logits(&hidden)?.squeeze(1)?)
+    }
+
+    fn cos_sin(&self, positions: &[[u32; 3]]) -> Result<(Tensor, Tensor), ModelError> {
+        let t = &self.cfg.text;
+        let (c, s) = rope::mrope_cos_sin(
+            positions,
+            t.head_dim(),
+            t.rope_theta,
+            t.mrope_section,
+            &self.device,
+        )?;
+        // Angles and cos/sin in f32, applied in the model dtype (spec §3.3, §7 "Numerics").
+        Ok((c.to_dtype(self.dtype)?, s.to_dtype(self.dtype)?))
+    }
+}

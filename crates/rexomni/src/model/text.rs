@@ -1,0 +1,220 @@
+//! Qwen2 decoder with sectioned M-RoPE (rex-omni-spec.md §3): input embeddings `[B, L, H]` + cos/sin tables
+//! + mask + a [`KvCache`] → hidden states `[B, L, H]`; `logits` maps hidden rows to f32 vocabulary scores.
+//!
+//! The weights are immutable; each generation owns its cache (passed as `&mut`), so one loaded model can serve
+//! batches one after the other. Layer code follows candle `qwen2.rs` (q/k/v bias, o_proj without bias), but
+//! RoPE angles come from `rope::mrope_cos_sin` in f32 and prefill is causal (spec §7 lists the upstream
+//! `qwen3_vl` bugs we avoid: 1-D RoPE, no causal mask in prefill).
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{linear_b, linear_no_bias, Embedding, Linear, RmsNorm, VarBuilder};
+
+use super::attention::{attend, MAX_SCORE_ELEMS};
+use super::config::TextConfig;
+
+/// Keys and values per layer, `[B, kv_heads, T, head_dim]`, grown by concatenation. Plain data: rows can be
+/// dropped (`select_rows`) when a sequence of the batch finishes.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Keep batch rows `rows` (a u32 index tensor on the cache's device).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for l in self.layers.iter_mut().flatten() {
+            *l = (l.0.index_select(rows, 0)?, l.1.index_select(rows, 0)?);
+        }
+        Ok(())
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Layer {
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+    attn: Attention,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Layer {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let a = vb.pp("self_attn");
+        let m = vb.pp("mlp");
+        Ok(Self {
+            input_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            attn: Attention {
+                q: linear_b(h, cfg.num_attention_heads * hd, true, a.pp("q_proj"))?,
+                k: linear_b(h, cfg.num_key_value_heads * hd, true, a.pp("k_proj"))?,
+                v: linear_b(h, cfg.num_key_value_heads * hd, true, a.pp("v_proj"))?,
+                o: linear_no_bias(cfg.num_attention_heads * hd, h, a.pp("o_proj"))?,
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: hd,
+            },
+            gate: linear_no_bias(h, i, m.pp("gate_proj"))?,
+            up: linear_no_bias(h, i, m.pp("up_proj"))?,
+            down: linear_no_bias(i, h, m.pp("down_proj"))?,
+        })
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &dyn Fn(usize, usize) -> Result<Option<Tensor>>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, l, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q.forward(x)?, self.heads)?;
+        let k = split(self.k.forward(x)?, self.kv_heads)?;
+        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let rep = self.heads / self.kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let o = attend(&q, &k, &v, MAX_SCORE_ELEMS, mask)?;
+        self.o.forward(
+            &o.transpose(1, 2)?
+                .reshape((b, l, self.heads * self.head_dim))?,
+        )
+    }
+}
+
+pub struct TextModel {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    cfg: TextConfig,
+}
+
+impl TextModel {
+    /// `vb` points at the decoder prefix (`model` or `model.language_model`); `lm_head` is the separate
+    /// `lm_head.weight` when the checkpoint has one, else the embedding (tied, spec §3.1).
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, lm_head_vb: Option<VarBuilder>) -> Result<Self> {
+        let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = match lm_head_vb {
+            Some(vb) => linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb)?,
+            None => Linear::new(embed.embeddings().clone(), None),
+        };
+        Ok(Self {
+            norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
+            embed,
+            layers,
+            lm_head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed.forward(ids)
+    }
+
+    /// `cos`/`sin`: `[B, L, head_dim/2]` or `[L, head_dim/2]` in the model dtype. `mask(start, rows)` gives the
+    /// additive f32 mask for query rows `start..start+rows` against all cached + new keys.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &dyn Fn(usize, usize) -> Result<Option<Tensor>>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let mut x = embeds.clone();
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = (&x
+                + layer
+                    .attn
+                    .forward(&layer.input_norm.forward(&x)?, cos, sin, mask, c)?)?;
+            let n = layer.post_norm.forward(&h)?;
+            x = (&h
+                + layer
+                    .down
+                    .forward(&(layer.gate.forward(&n)?.silu()? * layer.up.forward(&n)?)?)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm + lm_head, f32 logits (spec §5.5: logits are f32 at the last position).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head
+            .forward(&self.norm.forward(hidden)?)?
+            .to_dtype(DType::F32)
+    }
+}
+
+/// Causal additive mask rows `start..start+rows` for a prefill of `l` new tokens after `past` cached ones.
+pub fn causal_mask(
+    start: usize,
+    rows: usize,
+    past: usize,
+    l: usize,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let lk = past + l;
+    let m: Vec<f32> = (start..start + rows)
+        .flat_map(|i| {
+            (0..lk).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(m, (1, 1, rows, lk), dev)
+}

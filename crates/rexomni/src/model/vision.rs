@@ -1,0 +1,252 @@
+//! Qwen2.5-VL vision tower (rex-omni-spec.md §2): `pixel_values [N, 1176]` + `grid_thw` → image embeddings
+//! `[N/4, out_hidden]`, rows in row-major order over the merged grid (what §3.4 positions assume).
+//!
+//! Patch embed as one matmul (the conv kernel covers its whole input, §2.2.1), 2-D RoPE in f32, window
+//! permutation, 28 window-attention blocks run as one batched attention over padded windows, full-attention
+//! blocks chunked over query rows (`attention::attend`), RMSNorm, SwiGLU, merger with erf GELU, reverse
+//! permutation. Runs on whatever thread calls it; one image per call.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{linear_b, Linear, RmsNorm, VarBuilder};
+
+use super::attention::{attend, MAX_SCORE_ELEMS};
+use super::config::VisionConfig;
+use super::rope;
+
+struct Block {
+    norm1: RmsNorm,
+    norm2: RmsNorm,
+    qkv: Linear,
+    proj: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+/// Per-image attention layout shared by all blocks of one forward.
+struct Layout {
+    cos: Tensor,
+    sin: Tensor,
+    /// Window gather: `[n_windows * wmax]` rows of the permuted sequence (padding slots point at row 0).
+    gather: Tensor,
+    /// Rows of the padded `[n_windows * wmax]` output that are real patches, in order.
+    valid: Tensor,
+    /// Additive key mask `[n_windows, 1, 1, wmax]` (f32), `None` when no window is padded.
+    mask: Option<Tensor>,
+    n_windows: usize,
+    wmax: usize,
+}
+
+impl Block {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            norm1: candle_nn::rms_norm(h, 1e-6, vb.pp("norm1"))?,
+            norm2: candle_nn::rms_norm(h, 1e-6, vb.pp("norm2"))?,
+            qkv: linear_b(h, 3 * h, true, vb.pp("attn").pp("qkv"))?,
+            proj: linear_b(h, h, true, vb.pp("attn").pp("proj"))?,
+            gate: linear_b(h, i, true, vb.pp("mlp").pp("gate_proj"))?,
+            up: linear_b(h, i, true, vb.pp("mlp").pp("up_proj"))?,
+            down: linear_b(i, h, true, vb.pp("mlp").pp("down_proj"))?,
+            heads: cfg.num_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, lay: &Layout, full: bool) -> Result<Tensor> {
+        let h = x.add(&self.attn(&self.norm1.forward(x)?, lay, full)?)?;
+        let n = self.norm2.forward(&h)?;
+        let m = self
+            .down
+            .forward(&(self.gate.forward(&n)?.silu()? * self.up.forward(&n)?)?)?;
+        h.add(&m)
+    }
+
+    fn attn(&self, x: &Tensor, lay: &Layout, full: bool) -> Result<Tensor> {
+        let (n, hidden) = x.dims2()?;
+        let dtype = x.dtype();
+        // qkv rows are [q | k | v], each heads × head_dim (spec §2.4).
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((n, 3, self.heads, self.head_dim))?;
+        // [1, heads, N, hd]; RoPE in f32 then back to the model dtype (HF apply_rotary_pos_emb_vision).
+        let part = |i: usize| -> Result<Tensor> {
+            qkv.narrow(1, i, 1)?
+                .squeeze(1)?
+                .transpose(0, 1)?
+                .unsqueeze(0)?
+                .contiguous()
+        };
+        let rot = |t: Tensor| -> Result<Tensor> {
+            candle_nn::rotary_emb::rope(&t.to_dtype(DType::F32)?, &lay.cos, &lay.sin)?
+                .to_dtype(dtype)
+        };
+        let q = rot(part(0)?)?;
+        let k = rot(part(1)?)?;
+        let v = part(2)?;
+        let out = if full {
+            // One sequence per image: cu_seqlens = [0, N] (spec §2.2 step 5), no mask.
+            attend(&q, &k, &v, MAX_SCORE_ELEMS, |_, _| Ok(None))?
+                .squeeze(0)?
+                .transpose(0, 1)?
+        } else {
+            // Batch the windows: [nw, heads, wmax, hd], padded keys masked out, padded query rows dropped.
+            let (nw, w) = (lay.n_windows, lay.wmax);
+            let win = |t: &Tensor| -> Result<Tensor> {
+                t.squeeze(0)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .index_select(&lay.gather, 0)?
+                    .reshape((nw, w, self.heads, self.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let o = attend(&win(&q)?, &win(&k)?, &win(&v)?, MAX_SCORE_ELEMS, |_, _| {
+                Ok(lay.mask.clone())
+            })?;
+            o.transpose(1, 2)?
+                .reshape((nw * w, self.heads, self.head_dim))?
+                .index_select(&lay.valid, 0)?
+        };
+        self.proj.forward(&out.reshape((n, hidden))?)
+    }
+}
+
+pub struct VisionTower {
+    patch_w: Tensor,
+    blocks: Vec<Block>,
+    ln_q: RmsNorm,
+    mlp0: Linear,
+    mlp2: Linear,
+    cfg: VisionConfig,
+}
+
+impl VisionTower {
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, t, p, c) = (
+            cfg.hidden_size,
+            cfg.temporal_patch_size,
+            cfg.patch_size,
+            cfg.in_channels,
+        );
+        // Conv3d weight (out, in, kt, kh, kw) flattened in (c, t, py, px) order = the pixel_values column order.
+        let patch_w = vb
+            .pp("patch_embed")
+            .pp("proj")
+            .get((h, c, t, p, p), "weight")?
+            .reshape((h, cfg.patch_dim()))?;
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::new(cfg, vb.pp("blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let unit = cfg.spatial_merge_size * cfg.spatial_merge_size;
+        let m = vb.pp("merger");
+        Ok(Self {
+            patch_w,
+            blocks,
+            ln_q: candle_nn::rms_norm(h, 1e-6, m.pp("ln_q"))?,
+            mlp0: linear_b(h * unit, h * unit, true, m.pp("mlp").pp("0"))?,
+            mlp2: linear_b(h * unit, cfg.out_hidden_size, true, m.pp("mlp").pp("2"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.patch_w.dtype()
+    }
+
+    /// `pixel_values`: `[gh·gw, patch_dim]` (any float dtype, any device); `grid_thw = [1, gh, gw]`.
+    pub fn forward(&self, pixel_values: &Tensor, grid_thw: [usize; 3]) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let [gt, gh, gw] = grid_thw;
+        let merge = cfg.spatial_merge_size;
+        let n = gt * gh * gw;
+        let (rows, cols) = pixel_values.dims2()?;
+        if gt != 1 || gh % merge != 0 || gw % merge != 0 || rows != n || cols != cfg.patch_dim() {
+            candle_core::bail!(
+                "vision input: pixel_values {rows}x{cols} with grid_thw {grid_thw:?}; expected [gh*gw, {}] with t=1 and even gh, gw",
+                cfg.patch_dim()
+            );
+        }
+        let dev = self.patch_w.device().clone();
+        let unit = merge * merge;
+        let lay = self.layout(gh, gw, &dev)?;
+        let widx = rope::window_index(gh, gw, merge, cfg.window_size / merge / cfg.patch_size);
+        let perm: Vec<u32> = widx
+            .index
+            .iter()
+            .flat_map(|&g| (0..unit).map(move |u| (g * unit + u) as u32))
+            .collect();
+        let perm = Tensor::from_vec(perm, n, &dev)?;
+
+        let x = pixel_values.to_device(&dev)?.to_dtype(self.dtype())?;
+        let mut x = x.matmul(&self.patch_w.t()?)?.index_select(&perm, 0)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = b.forward(&x, &lay, cfg.fullatt_block_indexes.contains(&i))?;
+        }
+        let x = self
+            .ln_q
+            .forward(&x)?
+            .reshape((n / unit, cfg.hidden_size * unit))?;
+        let x = self.mlp2.forward(&self.mlp0.forward(&x)?.gelu_erf()?)?;
+        // reverse = argsort(window_index) (spec §2.2 step 8).
+        let mut rev = vec![0u32; widx.index.len()];
+        for (i, &g) in widx.index.iter().enumerate() {
+            rev[g] = i as u32;
+        }
+        x.index_select(&Tensor::from_vec(rev, n / unit, &dev)?, 0)
+    }
+
+    fn layout(&self, gh: usize, gw: usize, dev: &Device) -> Result<Layout> {
+        let cfg = &self.cfg;
+        let merge = cfg.spatial_merge_size;
+        let unit = merge * merge;
+        let half = cfg.head_dim() / 2;
+        let widx = rope::window_index(gh, gw, merge, cfg.window_size / merge / cfg.patch_size);
+        // RoPE angles in patch order, then permuted with the tokens (spec §2.2 step 3).
+        let pos = rope::patch_positions(gh, gw, merge);
+        let permuted: Vec<(usize, usize)> = widx
+            .index
+            .iter()
+            .flat_map(|&g| (0..unit).map(move |u| g * unit + u))
+            .map(|i| pos[i])
+            .collect();
+        let ang = Tensor::from_vec(
+            rope::vision_angles(&permuted, cfg.head_dim()),
+            (permuted.len(), half),
+            dev,
+        )?;
+        let cu = &widx.cu_seqlens;
+        let nw = cu.len() - 1;
+        let wmax = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let mut gather = Vec::with_capacity(nw * wmax);
+        let mut valid = Vec::new();
+        let mut mask = Vec::with_capacity(nw * wmax);
+        for (wi, w) in cu.windows(2).enumerate() {
+            for j in 0..wmax {
+                let real = w[0] + j < w[1];
+                gather.push(if real { (w[0] + j) as u32 } else { 0 });
+                mask.push(if real { 0f32 } else { f32::NEG_INFINITY });
+                if real {
+                    valid.push((wi * wmax + j) as u32);
+                }
+            }
+        }
+        let padded = mask.iter().any(|m| m.is_infinite());
+        Ok(Layout {
+            cos: ang.cos()?,
+            sin: ang.sin()?,
+            gather: Tensor::from_vec(gather, nw * wmax, dev)?,
+            valid: Tensor::from_vec(valid, gh * gw, dev)?,
+            mask: if padded {
+                Some(Tensor::from_vec(mask, (nw, 1, 1, wmax), dev)?)
+            } else {
+                None
+            },
+            n_windows: nw,
+            wmax,
+        })
+    }
+}

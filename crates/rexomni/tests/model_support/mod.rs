@@ -1,0 +1,129 @@
+//! Shared helpers for the model tests: fixture paths, the committed test cases (tests/fixtures/tiny-cases),
+//! the transformers references (tests/fixtures/tiny-*/reference.safetensors) and a numpy-equivalent
+//! normalise + patchify (rex-omni-spec.md §1.5-1.6) of the stored resized images.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+pub struct Case {
+    pub original: (u32, u32),
+    pub grid_thw: [usize; 3],
+    pub prompt_ids: Vec<u32>,
+    pub pixel_values: Tensor,
+}
+
+pub fn cases() -> Vec<Case> {
+    let dir = fixtures().join("tiny-cases");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let t = candle_core::safetensors::load(dir.join("cases.safetensors"), &Device::Cpu).unwrap();
+    let mut out = Vec::new();
+    for (i, m) in meta["cases"].as_array().unwrap().iter().enumerate() {
+        let g: Vec<usize> = m["grid_thw"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let o: Vec<u32> = m["original_size"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let rgb = &t[&format!("case{i}.resized_rgb")];
+        let ids: Vec<u32> = t[&format!("case{i}.prompt_ids")]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
+        out.push(Case {
+            original: (o[0], o[1]),
+            grid_thw: [g[0], g[1], g[2]],
+            prompt_ids: ids,
+            pixel_values: patchify(rgb),
+        });
+    }
+    // The helper must reproduce the HF processor's case 0 exactly.
+    let d = (&out[0].pixel_values - &t["case0.pixel_values"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert_eq!(
+        d.to_scalar::<f32>().unwrap(),
+        0.0,
+        "patchify helper differs from the HF processor"
+    );
+    out
+}
+
+/// `[H, W, 3]` u8 → `[gh·gw, 1176]` f32 (f64 rescale, f32 normalise, T=2, merge-group rows).
+pub fn patchify(rgb: &Tensor) -> Tensor {
+    let (h, w, _) = rgb.dims3().unwrap();
+    let px = rgb.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let mean = [0.48145466f32, 0.4578275, 0.40821073];
+    let std = [0.26862954f32, 0.26130258, 0.27577711];
+    let (gh, gw) = (h / 14, w / 14);
+    let mut out = Vec::with_capacity(gh * gw * 1176);
+    for bh in 0..gh / 2 {
+        for bw in 0..gw / 2 {
+            for mh in 0..2 {
+                for mw in 0..2 {
+                    let (r, c) = (2 * bh + mh, 2 * bw + mw);
+                    for ch in 0..3 {
+                        for _t in 0..2 {
+                            for py in 0..14 {
+                                for pxx in 0..14 {
+                                    let v = px[((r * 14 + py) * w + c * 14 + pxx) * 3 + ch];
+                                    let x = (v as f64 * (1.0 / 255.0)) as f32;
+                                    out.push((x - mean[ch]) / std[ch]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (gh * gw, 1176), &Device::Cpu).unwrap()
+}
+
+pub fn reference(model: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixtures().join(model).join("reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub const MODELS: [&str; 2] = ["tiny-tied", "tiny-untied"];
