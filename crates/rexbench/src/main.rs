@@ -1,0 +1,192 @@
+//! `rexbench`: how fast Rex-Omni runs here, stage by stage, on a chosen device and dtype.
+//!
+//! Measures preprocessing ms/frame, vision ms/image, prefill tokens/s, decode tokens/s at several batch sizes,
+//! and detection frames/s for N concurrent requests with a fixed number of output tokens; prints a table and
+//! writes JSON. The model is the real 3B config with seeded random weights (no download), any config.json, or a
+//! checkpoint folder. It links no GStreamer, so the binary can be copied alone to a GPU host.
+//!
+//! The same measurements with HF transformers: `tests/reference/bench_hf.py` (docs/benchmarks.md).
+
+// serde_json::json! of a whole config.json nests deeper than the default limit.
+#![recursion_limit = "256"]
+
+mod measure;
+mod random_weights;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::Parser;
+use rexomni::model::{loading, Config, Qwen25Vl};
+
+use random_weights::RandomWeights;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rexbench",
+    about = "Benchmark Rex-Omni stage by stage (preprocess, vision, prefill, decode, frames/s)",
+    after_help = "Examples:\n  rexbench --config real --dtype bf16 --device cuda:0 --json h100.json\n  \
+                  rexbench --config real --save-checkpoint /tmp/rex-random   # then bench_hf.py --model /tmp/rex-random\n  \
+                  rexbench --model /tmp/rex-random --dtype f32 --batches 1,4 --concurrent 1,4"
+)]
+struct Args {
+    /// Checkpoint folder to load (as `rexstream --model`). Without it, random weights are built from --config.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// `real` (Qwen2.5-VL-3B = Rex-Omni hyper-parameters) or a config.json path; used without --model.
+    #[arg(long, default_value = "real")]
+    config: String,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the random weights and config.json to this folder (HF transformers can load it) and continue.
+    #[arg(long)]
+    save_checkpoint: Option<PathBuf>,
+    /// Folder with vocab.json, merges.txt, tokenizer_config.json; defaults to --model, else the repo's
+    /// tests/fixtures/qwen-tokenizer.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Frame size WxH.
+    #[arg(long, default_value = "640x480")]
+    image_size: String,
+    /// Decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
+    batches: Vec<usize>,
+    /// Concurrent requests for the frames/s measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrent: Vec<usize>,
+    /// Output tokens per request (70 ≈ a typical detection answer of ~9 boxes).
+    #[arg(long, default_value_t = 70)]
+    output_tokens: usize,
+    /// Timed repetitions of the single-request stages (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let (w, h) = parse_size(&args.image_size)?;
+
+    let started = std::time::Instant::now();
+    let (model, source) = match &args.model {
+        Some(dir) => (
+            loading::load_dir(dir, &device, dtype)?,
+            dir.display().to_string(),
+        ),
+        None => {
+            let cfg = match args.config.as_str() {
+                "real" => Config::qwen25_vl_3b(),
+                path => Config::from_file(std::path::Path::new(path))?,
+            };
+            let weights = RandomWeights::new(args.seed, args.save_checkpoint.is_some());
+            let (vb, recorded) = weights.into_var_builder(dtype, &device);
+            let model = Qwen25Vl::new(cfg.clone(), vb.pp("visual"), vb.pp("model"), None)?;
+            if let Some(dir) = &args.save_checkpoint {
+                let n = recorded.save(dir)?;
+                std::fs::write(
+                    dir.join("config.json"),
+                    serde_json::to_string_pretty(&measure::hf_config_json(&cfg))?,
+                )?;
+                eprintln!("rexbench: wrote {n} parameters to {}", dir.display());
+            }
+            (
+                model,
+                format!(
+                    "random weights (seed {}, config {})",
+                    args.seed, args.config
+                ),
+            )
+        }
+    };
+    eprintln!(
+        "rexbench: model ready in {:.1} s ({source})",
+        started.elapsed().as_secs_f64()
+    );
+
+    let tokenizer_dir = args
+        .tokenizer
+        .clone()
+        .or_else(|| args.model.clone().filter(|d| d.join("vocab.json").exists()))
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/fixtures/qwen-tokenizer"
+            ))
+        });
+    let tokenizer =
+        rexomni::protocol::RexTokenizer::from_dir(&tokenizer_dir).with_context(|| {
+            format!(
+                "tokenizer files in {} (set --tokenizer)",
+                tokenizer_dir.display()
+            )
+        })?;
+
+    let plan = measure::Plan {
+        image_size: (w, h),
+        batches: args.batches.clone(),
+        concurrent: args.concurrent.clone(),
+        output_tokens: args.output_tokens,
+        iters: args.iters.max(1),
+    };
+    let report = measure::run(
+        &model,
+        &tokenizer,
+        &plan,
+        &source,
+        &args.device,
+        &args.dtype,
+    )?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("rexbench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn parse_device(s: &str) -> anyhow::Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n = s
+                .strip_prefix("cuda:")
+                .map(str::parse::<usize>)
+                .transpose()
+                .context("--device cuda:N")?;
+            Ok(Device::new_cuda(n.unwrap_or(0))?)
+        }
+        other => bail!("--device: `{other}` is not cpu, cuda or cuda:N"),
+    }
+}
+
+fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => bail!("--dtype: `{other}` is not f32, bf16 or f16"),
+    }
+}
+
+fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
+    let (w, h) = s
+        .split_once('x')
+        .with_context(|| format!("--image-size: `{s}` is not WxH"))?;
+    Ok((
+        w.parse().context("--image-size width")?,
+        h.parse().context("--image-size height")?,
+    ))
+}
