@@ -537,6 +537,16 @@ impl RexTokenizer {
         (out, starts)
     }
 
+    /// Writes the plain-text part (normalizer, pre-tokenizer, BPE model; no added tokens) as a
+    /// tokenizer.json, e.g. to give a checkpoint folder the fast-loading file. `from_dir` on a folder
+    /// with it and the same tokenizer_config.json gives the same ids.
+    pub fn save_plain_tokenizer_json(&self, path: &Path) -> Result<(), ProtocolError> {
+        self.bpe.save(path, false).map_err(|e| ProtocolError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
     /// The id of an added token by content (e.g. `"<|im_end|>"`).
     pub fn special_id(&self, content: &str) -> Option<u32> {
         self.specials_longest_first
