@@ -1,1 +1,65 @@
-fn main() {}
+//! The `rexstream` binary: thin `main` (style.md §4.6) — tracing, clap, then `run` or `detect`.
+//!
+//! `run` (run.rs) is the streaming runtime; `detect` (the library's detect.rs) runs one image
+//! through the model.
+//! The detector worker (worker.rs) lives in the binary with `run`: both wire the model crate to
+//! the runtime library and report errors with `anyhow`.
+
+mod run;
+mod worker;
+
+use clap::{Parser, Subcommand};
+use rexstream::detect;
+use tracing_subscriber::EnvFilter;
+
+/// Open-vocabulary detection on live video: GStreamer ingest → Rex-Omni → MQTT, with Prometheus
+/// metrics.
+///
+/// Quick start (embedded MQTT broker on 127.0.0.1:1883, metrics on 127.0.0.1:9464):
+///
+///   rexstream run pipelines/demo.toml
+///
+///   mosquitto_sub -t 'rexstream/#' -v
+///
+///   mosquitto_pub -t rexstream/demo/prompt/set -m '{"task":"detection","categories":["cat"]}'
+#[derive(Debug, Parser)]
+#[command(name = "rexstream", version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline file: watch its streams, detect, publish to MQTT, serve /metrics and
+    /// /healthz. Stops gracefully on Ctrl-C / SIGTERM (finishes the batch in flight, flushes
+    /// the MQTT outbox, publishes `offline`).
+    ///
+    /// Log level: RUST_LOG (default `info`), e.g. RUST_LOG=rexstream=debug.
+    Run(run::RunArgs),
+    /// Run one image through the model and print its detections as JSON.
+    Detect(detect::DetectArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Detect(args) => detect::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the context chain on one line per cause; config errors are already
+            // one line per problem, each naming file, field and value.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

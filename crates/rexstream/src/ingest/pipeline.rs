@@ -1,0 +1,460 @@
+//! The per-stream ingest thread: build a GStreamer pipeline, play it, watch it, rebuild it.
+//!
+//! In: a [`ResolvedStream`]. Out: frames in the stream's [`LatestFrameSlot`], `StreamStatus` and
+//! ingest metrics. Runs on one OS thread per stream (named `ingest-<stream>`), which owns the bus
+//! loop; GStreamer's own streaming threads only run the appsink callback, which copies the pixels
+//! and puts the frame in the slot (style.md §3.2).
+//!
+//! Graph: `uridecodebin uri=… ! videoconvert ! appsink caps=RGB|NV12 max-buffers=1 drop=true`, or
+//! with `source = "rtspsrc"`: `rtspsrc location=… protocols=… latency=… ! decodebin ! videoconvert
+//! ! appsink`. A disconnect is any of (build-env.md "How RTSP failures look to the client"): a bus
+//! ERROR (UDP transport, server gone), EOS on a live source (TCP transport, server gone), no frame
+//! for `no_frame_timeout_s` (server hung: nothing at all arrives for ~25 s), or a failed state
+//! change. Each tears the pipeline down to Null and rebuilds it after an exponential back-off with
+//! jitter; `rexstream_reconnects_total{stream,reason}` counts them. A file ends its stream at EOS,
+//! or seeks back to the start with `loop = true`.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+use tracing::{debug, error, info, info_span, warn};
+
+use super::config::{FrameFormat, ResolvedStream, SourceKind, Transport};
+use super::frame::Frame;
+use super::{StreamState, StreamStatus};
+use crate::metrics::{ReconnectReason, StreamMetrics};
+use crate::shutdown::Shutdown;
+use crate::slot::LatestFrameSlot;
+
+/// How often the bus loop wakes to check the watchdog and shutdown.
+const BUS_POLL: Duration = Duration::from_millis(100);
+/// Frames must flow this long before the back-off resets to `reconnect_min_s`, so a camera that
+/// accepts the connection and drops it at once still backs off.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// rtspsrc waits this long for the server's TEARDOWN reply; a hung server must not hold the
+/// rebuild (the property default is 100 ms on 1.22, set explicitly because it matters).
+const RTSP_TEARDOWN_TIMEOUT_NS: u64 = 100_000_000;
+
+/// Everything one ingest thread needs.
+pub struct StreamIngest {
+    pub index: usize,
+    pub cfg: ResolvedStream,
+    pub slot: Arc<LatestFrameSlot>,
+    pub status: Arc<StreamStatus>,
+    /// This stream's handles: frames received, up, reconnects{reason}.
+    pub metrics: Arc<StreamMetrics>,
+}
+
+/// How one pipeline run ended.
+enum Outcome {
+    Shutdown,
+    Ended,
+    Lost {
+        reason: ReconnectReason,
+        detail: String,
+        had_frames: bool,
+    },
+}
+
+/// Delay before reconnect attempt `attempt` (0-based): `min * 2^attempt`, capped at `max`, times
+/// `jitter` (expected in 0.75..=1.25).
+pub fn backoff(min: Duration, max: Duration, attempt: u32, jitter: f64) -> Duration {
+    let base = min.as_secs_f64() * 2f64.powi(attempt.min(30) as i32);
+    Duration::from_secs_f64(base.min(max.as_secs_f64()) * jitter)
+}
+
+/// A uniform draw in 0.75..=1.25 (std's per-instance random SipHash keys are enough for jitter).
+fn jitter() -> f64 {
+    let r = RandomState::new().hash_one(Instant::now());
+    0.75 + (r % 10_001) as f64 / 20_000.0
+}
+
+impl StreamIngest {
+    /// Start the ingest thread.
+    pub fn spawn(self, shutdown: Shutdown) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("ingest-{}", self.cfg.name))
+            .spawn(move || self.run(shutdown))
+    }
+
+    fn run(self, shutdown: Shutdown) {
+        let span = info_span!("stream", stream = %self.cfg.name);
+        let _e = span.enter();
+        // seq survives rebuilds: it counts frames of this stream for the life of the process.
+        let seq = Arc::new(AtomicU64::new(0));
+        let mut attempt = 0u32;
+        info!(message = "Starting stream.", uri = %self.cfg.uri);
+        loop {
+            if shutdown.is_triggered() {
+                break;
+            }
+            self.status.set_state(StreamState::Connecting);
+            let started = Instant::now();
+            let outcome = match self.build(&seq) {
+                Ok(pipeline) => self.watch(&pipeline, &shutdown),
+                Err(e) => Outcome::Lost {
+                    reason: ReconnectReason::Error,
+                    detail: e,
+                    had_frames: false,
+                },
+            };
+            self.metrics.up.set(0);
+            match outcome {
+                Outcome::Shutdown => break,
+                Outcome::Ended => {
+                    info!(message = "Stream ended.", frames = self.status.frames());
+                    break;
+                }
+                Outcome::Lost {
+                    reason,
+                    detail,
+                    had_frames,
+                } => {
+                    if had_frames && started.elapsed() >= STABLE_AFTER {
+                        attempt = 0;
+                    }
+                    let delay = backoff(
+                        self.cfg.reconnect_min,
+                        self.cfg.reconnect_max,
+                        attempt,
+                        jitter(),
+                    );
+                    attempt = attempt.saturating_add(1);
+                    self.metrics.reconnect(reason);
+                    self.status
+                        .disconnected(format!("{}: {detail}", reason.as_str()));
+                    // One line per attempt; the back-off itself rate-limits this (≥ reconnect_min_s).
+                    warn!(
+                        message = "Stream lost; reconnecting.",
+                        reason = reason.as_str(),
+                        error = %detail,
+                        attempt,
+                        retry_in_s = format!("{:.2}", delay.as_secs_f64())
+                    );
+                    if shutdown.sleep(delay) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.status.set_state(StreamState::Ended);
+        self.metrics.up.set(0);
+        // The scheduler notices `Ended` within its poll interval.
+        debug!(message = "Ingest thread stopped.");
+    }
+
+    /// Build the graph for this stream. Errors are texts already scrubbed of secrets.
+    fn build(&self, seq: &Arc<AtomicU64>) -> Result<gst::Pipeline, String> {
+        let cfg = &self.cfg;
+        let make = |factory: &str| {
+            gst::ElementFactory::make(factory).build().map_err(|e| {
+                format!("cannot create {factory}: {e} (is its GStreamer plugin installed?)")
+            })
+        };
+        let pipeline = gst::Pipeline::with_name(&format!("stream-{}", cfg.name));
+        let convert = make("videoconvert")?;
+        let caps = match cfg.format {
+            FrameFormat::Rgb => gst_video::VideoCapsBuilder::new()
+                .format(gst_video::VideoFormat::Rgb)
+                .build(),
+            FrameFormat::Nv12 => gst_video::VideoCapsBuilder::new()
+                .format(gst_video::VideoFormat::Nv12)
+                .build(),
+        };
+        // max-buffers 1 + drop: the appsink never queues; freshness is the slot's job. Files play
+        // at their own frame rate (sync) like a camera; live sources are already paced.
+        let sink = gst_app::AppSink::builder()
+            .caps(&caps)
+            .max_buffers(1)
+            .drop(true)
+            .sync(!cfg.uri.is_live())
+            .build();
+        pipeline
+            .add_many([&convert, sink.upcast_ref()])
+            .and_then(|_| convert.link(&sink))
+            .map_err(|e| format!("cannot link videoconvert ! appsink: {e}"))?;
+
+        let stream_name: Arc<str> = Arc::from(cfg.name.as_str());
+        let (slot, status, index, frames_received, up) = (
+            self.slot.clone(),
+            self.status.clone(),
+            self.index,
+            self.metrics.frames_received.clone(),
+            self.metrics.up.clone(),
+        );
+        let seq = seq.clone();
+        sink.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let n = seq.fetch_add(1, Ordering::Relaxed);
+                    match Frame::from_sample(&stream_name, index, n, &sample) {
+                        Ok(frame) => {
+                            frames_received.inc();
+                            if status.frame_arrived() {
+                                up.set(1);
+                            }
+                            slot.put(frame);
+                            Ok(gst::FlowSuccess::Ok)
+                        }
+                        Err(e) => {
+                            gst::element_error!(
+                                sink,
+                                gst::StreamError::Format,
+                                ("Bad frame: {}", e)
+                            );
+                            Err(gst::FlowError::Error)
+                        }
+                    }
+                })
+                .build(),
+        );
+
+        // Decoded video pads (from uridecodebin or decodebin) link to videoconvert; audio and
+        // other pads are left unlinked (and pruned by the bins). A weak ref avoids a
+        // pipeline → element → closure → element cycle (style.md §3.4).
+        let convert_weak = convert.downgrade();
+        let link_video = move |pad: &gst::Pad| {
+            let Some(convert) = convert_weak.upgrade() else {
+                return;
+            };
+            let is_video = pad
+                .current_caps()
+                .or_else(|| Some(pad.query_caps(None)))
+                .and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/")))
+                .unwrap_or(false);
+            let Some(sinkpad) = convert.static_pad("sink") else {
+                return;
+            };
+            if is_video && !sinkpad.is_linked() {
+                if let Err(e) = pad.link(&sinkpad) {
+                    warn!(message = "Cannot link decoded video pad.", error = ?e);
+                }
+            }
+        };
+
+        let (latency, transport) = (cfg.latency_ms, cfg.transport);
+        let configure_rtspsrc = move |src: &gst::Element| {
+            if src.find_property("latency").is_some() {
+                src.set_property("latency", latency);
+            }
+            if src.find_property("protocols").is_some() {
+                let p = match transport {
+                    Transport::Tcp => "tcp",
+                    Transport::Udp => "udp",
+                    Transport::Auto => "tcp+udp+udp-mcast",
+                };
+                src.set_property_from_str("protocols", p);
+            }
+            if src.find_property("teardown-timeout").is_some() {
+                src.set_property("teardown-timeout", RTSP_TEARDOWN_TIMEOUT_NS);
+            }
+        };
+
+        match cfg.source {
+            SourceKind::Auto => {
+                let src = gst::ElementFactory::make("uridecodebin")
+                    .property("uri", cfg.uri.expose())
+                    .build()
+                    .map_err(|e| format!("cannot create uridecodebin: {e}"))?;
+                // rtsp:// through uridecodebin still gets our latency/transport.
+                src.connect("source-setup", false, move |args| {
+                    if let Some(Ok(source)) = args.get(1).map(|v| v.get::<gst::Element>()) {
+                        if source.factory().is_some_and(|f| f.name() == "rtspsrc") {
+                            configure_rtspsrc(&source);
+                        }
+                    }
+                    None
+                });
+                src.connect_pad_added(move |_, pad| link_video(pad));
+                pipeline
+                    .add(&src)
+                    .map_err(|e| format!("cannot add uridecodebin: {e}"))?;
+            }
+            SourceKind::Rtspsrc => {
+                let src = gst::ElementFactory::make("rtspsrc")
+                    .property("location", cfg.uri.expose())
+                    .build()
+                    .map_err(|e| {
+                        format!("cannot create rtspsrc (gstreamer1.0-plugins-good): {e}")
+                    })?;
+                configure_rtspsrc(&src);
+                let decode = make("decodebin")?;
+                pipeline
+                    .add_many([&src, &decode])
+                    .map_err(|e| format!("cannot add rtspsrc/decodebin: {e}"))?;
+                let decode_weak = decode.downgrade();
+                src.connect_pad_added(move |_, pad| {
+                    let Some(decode) = decode_weak.upgrade() else {
+                        return;
+                    };
+                    if let Some(sinkpad) = decode.static_pad("sink") {
+                        if !sinkpad.is_linked() {
+                            if let Err(e) = pad.link(&sinkpad) {
+                                warn!(message = "Cannot link rtspsrc to decodebin.", error = ?e);
+                            }
+                        }
+                    }
+                });
+                decode.connect_pad_added(move |_, pad| link_video(pad));
+            }
+        }
+        Ok(pipeline)
+    }
+
+    /// Play `pipeline` and watch it until it is lost, ends, or shutdown is asked.
+    fn watch(&self, pipeline: &gst::Pipeline, shutdown: &Shutdown) -> Outcome {
+        let cfg = &self.cfg;
+        let frames_at_start = self.status.frames();
+        let outcome = self.watch_inner(pipeline, shutdown);
+        // Teardown to Null releases sockets and decoder state; a rebuild starts clean.
+        let _ = pipeline.set_state(gst::State::Null);
+        match outcome {
+            Outcome::Lost { reason, detail, .. } => Outcome::Lost {
+                reason,
+                detail: cfg.uri.scrub(&detail),
+                had_frames: self.status.frames() > frames_at_start,
+            },
+            o => o,
+        }
+    }
+
+    fn watch_inner(&self, pipeline: &gst::Pipeline, shutdown: &Shutdown) -> Outcome {
+        let cfg = &self.cfg;
+        let Some(bus) = pipeline.bus() else {
+            return Outcome::Lost {
+                reason: ReconnectReason::Error,
+                detail: "pipeline has no bus".into(),
+                had_frames: false,
+            };
+        };
+        if let Err(e) = pipeline.set_state(gst::State::Playing) {
+            // The bus usually carries the reason; take it if it is there.
+            let detail = bus
+                .timed_pop_filtered(
+                    gst::ClockTime::from_mseconds(200),
+                    &[gst::MessageType::Error],
+                )
+                .and_then(|m| match m.view() {
+                    gst::MessageView::Error(err) => {
+                        Some(format!("{} ({:?})", err.error(), err.debug()))
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| e.to_string());
+            return Outcome::Lost {
+                reason: ReconnectReason::StateChangeFailure,
+                detail,
+                had_frames: false,
+            };
+        }
+        let mut last_frames = self.status.frames();
+        let mut last_progress = Instant::now();
+        loop {
+            if shutdown.is_triggered() {
+                return Outcome::Shutdown;
+            }
+            if let Some(msg) =
+                bus.timed_pop(gst::ClockTime::from_nseconds(BUS_POLL.as_nanos() as u64))
+            {
+                match msg.view() {
+                    gst::MessageView::Error(err) => {
+                        let src = msg
+                            .src()
+                            .map(|s| s.path_string().to_string())
+                            .unwrap_or_default();
+                        let detail = format!(
+                            "{src}: {} ({})",
+                            err.error(),
+                            err.debug().unwrap_or_default()
+                        );
+                        return Outcome::Lost {
+                            reason: ReconnectReason::Error,
+                            detail,
+                            had_frames: false,
+                        };
+                    }
+                    gst::MessageView::Eos(_) => {
+                        if cfg.uri.is_live() {
+                            return Outcome::Lost {
+                                reason: ReconnectReason::Eos,
+                                detail: "end of stream from a live source".into(),
+                                had_frames: false,
+                            };
+                        }
+                        if !cfg.loop_ {
+                            return Outcome::Ended;
+                        }
+                        debug!(message = "End of file; looping.");
+                        if let Err(e) = pipeline.seek_simple(
+                            gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT,
+                            gst::ClockTime::ZERO,
+                        ) {
+                            // A rebuild also starts from the beginning.
+                            return Outcome::Lost {
+                                reason: ReconnectReason::Eos,
+                                detail: format!("cannot seek back to start for loop: {e}"),
+                                had_frames: false,
+                            };
+                        }
+                        last_progress = Instant::now();
+                    }
+                    gst::MessageView::Warning(w) => {
+                        debug!(message = "GStreamer warning.", warning = %cfg.uri.scrub(&w.error().to_string()));
+                    }
+                    _ => {}
+                }
+            }
+            // No-frame watchdog: a hung server sends nothing, not even an error.
+            let frames = self.status.frames();
+            if frames != last_frames {
+                last_frames = frames;
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() >= cfg.no_frame_timeout {
+                return Outcome::Lost {
+                    reason: ReconnectReason::Timeout,
+                    detail: format!("no frame for {:.1} s", cfg.no_frame_timeout.as_secs_f64()),
+                    had_frames: false,
+                };
+            }
+        }
+    }
+}
+
+/// Initialise GStreamer once (scans plugins on first use, ~1 s cold).
+pub fn init() -> Result<(), String> {
+    gst::init().map_err(|e| format!("GStreamer init failed: {e}"))
+}
+
+/// Log a stream's final error at ERROR level (used by run.rs when a thread cannot start).
+pub fn log_spawn_error(stream: &str, e: &std::io::Error) {
+    error!(message = "Cannot start ingest thread.", stream, %e);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_then_caps_and_applies_jitter() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        let d: Vec<f64> = (0..9)
+            .map(|a| backoff(min, max, a, 1.0).as_secs_f64())
+            .collect();
+        assert_eq!(d, vec![0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]);
+        assert_eq!(backoff(min, max, 2, 0.75), Duration::from_millis(1500));
+        assert_eq!(backoff(min, max, 1000, 1.25), Duration::from_secs_f64(37.5));
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.75..=1.25).contains(&j), "{j}");
+        }
+    }
+}
