@@ -49,7 +49,11 @@ impl YuvToRgb {
         let yy = (y as f32 - self.y_off) * self.y_mul;
         let (u, v) = (u as f32 - 128.0, v as f32 - 128.0);
         let q = |x: f32| (x + 0.5).clamp(0.0, 255.0) as u8;
-        [q(yy + self.rv * v), q(yy + self.gu * u + self.gv * v), q(yy + self.bu * u)]
+        [
+            q(yy + self.rv * v),
+            q(yy + self.gu * u + self.gv * v),
+            q(yy + self.bu * u),
+        ]
     }
 }
 
@@ -102,7 +106,10 @@ mod tests {
         // BT.709 limited red: Y 63, Cb 102, Cr 240.
         let [r, g, b] = m.pixel(63, 102, 240);
         assert!(r >= 254 && g <= 1 && b <= 1, "{r} {g} {b}");
-        assert_eq!(YuvToRgb::new(Colorimetry::JPEG).pixel(255, 128, 128), [255, 255, 255]);
+        assert_eq!(
+            YuvToRgb::new(Colorimetry::JPEG).pixel(255, 128, 128),
+            [255, 255, 255]
+        );
     }
 
     #[test]

@@ -8,7 +8,11 @@ use crate::PixelFormat;
 pub enum PrepError {
     /// rex-omni-spec.md §1.3: transformers 4.51.3 refuses sides under the patch-merge factor.
     #[error("frame {width}x{height}: height {height} and width {width} must both be at least {factor} px")]
-    TooSmall { width: u32, height: u32, factor: u32 },
+    TooSmall {
+        width: u32,
+        height: u32,
+        factor: u32,
+    },
 
     /// rex-omni-spec.md §1.3: the aspect-ratio guard of smart_resize (true division, > 200 fails).
     #[error("frame {width}x{height}: absolute aspect ratio must be at most 200, got {ratio}")]
@@ -29,10 +33,20 @@ pub enum PrepError {
 
     /// A row stride shorter than one row of pixels.
     #[error("{format:?} frame {width}x{height}: plane {plane} stride {stride} is shorter than a row ({min} bytes)")]
-    StrideTooSmall { format: PixelFormat, width: u32, height: u32, plane: usize, stride: usize, min: usize },
+    StrideTooSmall {
+        format: PixelFormat,
+        width: u32,
+        height: u32,
+        plane: usize,
+        stride: usize,
+        min: usize,
+    },
 
     /// The CUDA path failed after it was selected (driver call, kernel load or launch).
     #[cfg(feature = "cuda")]
     #[error("cuda preprocessing: {stage}: {message}")]
-    Cuda { stage: &'static str, message: String },
+    Cuda {
+        stage: &'static str,
+        message: String,
+    },
 }

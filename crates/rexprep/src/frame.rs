@@ -47,11 +47,23 @@ pub struct Colorimetry {
 }
 
 impl Colorimetry {
-    pub const BT601: Colorimetry = Colorimetry { matrix: ColorMatrix::Bt601, range: ColorRange::Limited };
-    pub const BT709: Colorimetry = Colorimetry { matrix: ColorMatrix::Bt709, range: ColorRange::Limited };
-    pub const BT2020: Colorimetry = Colorimetry { matrix: ColorMatrix::Bt2020, range: ColorRange::Limited };
+    pub const BT601: Colorimetry = Colorimetry {
+        matrix: ColorMatrix::Bt601,
+        range: ColorRange::Limited,
+    };
+    pub const BT709: Colorimetry = Colorimetry {
+        matrix: ColorMatrix::Bt709,
+        range: ColorRange::Limited,
+    };
+    pub const BT2020: Colorimetry = Colorimetry {
+        matrix: ColorMatrix::Bt2020,
+        range: ColorRange::Limited,
+    };
     /// `colorimetry=jpeg` / `1:4:0:0`: BT.601 matrix, full range.
-    pub const JPEG: Colorimetry = Colorimetry { matrix: ColorMatrix::Bt601, range: ColorRange::Full };
+    pub const JPEG: Colorimetry = Colorimetry {
+        matrix: ColorMatrix::Bt601,
+        range: ColorRange::Full,
+    };
 
     /// GStreamer's default for YUV caps without a `colorimetry` field, by frame height.
     pub fn gstreamer_default(height: u32) -> Colorimetry {
@@ -185,7 +197,10 @@ mod tests {
         let buf = vec![0u8; 100];
         let e = Frame::nv12(10, 10, &buf).check().unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("plane 1") && msg.contains("150") && msg.contains("100"), "{msg}");
+        assert!(
+            msg.contains("plane 1") && msg.contains("150") && msg.contains("100"),
+            "{msg}"
+        );
         let mut f = Frame::rgb(10, 2, &buf);
         f.strides[0] = 20;
         assert!(f.check().unwrap_err().to_string().contains("stride 20"));

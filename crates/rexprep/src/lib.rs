@@ -60,7 +60,10 @@ pub fn resize_frame(frame: &Frame) -> Result<(Vec<u8>, (u32, u32)), PrepError> {
             (&rgb_owned, frame.width as usize * 3)
         }
     };
-    Ok((resize::resize_rgb(rgb, frame.width, frame.height, stride, w2, h2), (w2, h2)))
+    Ok((
+        resize::resize_rgb(rgb, frame.width, frame.height, stride, w2, h2),
+        (w2, h2),
+    ))
 }
 
 /// CPU reference path: frame in, `pixel_values` + `grid_thw` out, identical to the HF slow
@@ -70,7 +73,11 @@ pub fn prepare(frame: &Frame) -> Result<Prepared, PrepError> {
     let pixel_values = patchify::patchify(&resized, w2 as usize, h2 as usize);
     Ok(Prepared {
         pixel_values,
-        grid_thw: [1, h2 as usize / patchify::PATCH, w2 as usize / patchify::PATCH],
+        grid_thw: [
+            1,
+            h2 as usize / patchify::PATCH,
+            w2 as usize / patchify::PATCH,
+        ],
         resized: (w2, h2),
         original: (frame.width, frame.height),
     })
@@ -96,6 +103,9 @@ mod tests {
         let e = prepare(&Frame::rgb(30, 20, &data)).unwrap_err();
         assert!(e.to_string().contains("30x20"), "{e}");
         let e = prepare(&Frame::rgb(64, 64, &data)).unwrap_err();
-        assert!(matches!(e, PrepError::BufferTooSmall { plane: 0, .. }), "{e}");
+        assert!(
+            matches!(e, PrepError::BufferTooSmall { plane: 0, .. }),
+            "{e}"
+        );
     }
 }

@@ -21,7 +21,10 @@ pub const ROW: usize = 3 * TEMPORAL * PATCH * PATCH;
 /// # Panics
 /// If the sides are not multiples of 28 or `rgb` is not `3·w·h` bytes (smart_resize guarantees both).
 pub fn patchify(rgb: &[u8], w: usize, h: usize) -> Vec<f32> {
-    assert!(w % (PATCH * MERGE) == 0 && h % (PATCH * MERGE) == 0, "{w}x{h} not 28-aligned");
+    assert!(
+        w % (PATCH * MERGE) == 0 && h % (PATCH * MERGE) == 0,
+        "{w}x{h} not 28-aligned"
+    );
     assert_eq!(rgb.len(), w * h * 3);
     let lut = normalize::lut();
     let (gh, gw) = (h / PATCH, w / PATCH);

@@ -72,12 +72,23 @@ impl Coeffs {
                 let w = if ww != 0.0 { k[x] / ww } else { k[x] };
                 // Round half away from zero, as `(int)(±0.5 + w * (1 << 22))`.
                 let f = w * (1u32 << PRECISION_BITS) as f64;
-                row[x] = if w < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
+                row[x] = if w < 0.0 {
+                    (f - 0.5) as i32
+                } else {
+                    (f + 0.5) as i32
+                };
             }
             start.push(xmin as u32);
             count.push(taps as u32);
         }
-        Coeffs { in_len, out_len, ksize, start, count, weights }
+        Coeffs {
+            in_len,
+            out_len,
+            ksize,
+            start,
+            count,
+            weights,
+        }
     }
 
     /// Shared taps for (in_len, out_len), computed on first use.
@@ -100,7 +111,10 @@ impl Coeffs {
     #[inline]
     fn taps(&self, i: usize) -> (usize, &[i32]) {
         let n = self.count[i] as usize;
-        (self.start[i] as usize, &self.weights[i * self.ksize..i * self.ksize + n])
+        (
+            self.start[i] as usize,
+            &self.weights[i * self.ksize..i * self.ksize + n],
+        )
     }
 }
 
@@ -120,8 +134,20 @@ const HALF: i32 = 1 << (PRECISION_BITS - 1);
 ///
 /// # Panics
 /// If `src` is shorter than `src_stride * (src_h - 1) + 3 * src_w` (callers validate frames first).
-pub fn resize_rgb(src: &[u8], src_w: u32, src_h: u32, src_stride: usize, dst_w: u32, dst_h: u32) -> Vec<u8> {
-    let (sw, sh, dw, dh) = (src_w as usize, src_h as usize, dst_w as usize, dst_h as usize);
+pub fn resize_rgb(
+    src: &[u8],
+    src_w: u32,
+    src_h: u32,
+    src_stride: usize,
+    dst_w: u32,
+    dst_h: u32,
+) -> Vec<u8> {
+    let (sw, sh, dw, dh) = (
+        src_w as usize,
+        src_h as usize,
+        dst_w as usize,
+        dst_h as usize,
+    );
     let need_h = dw != sw;
     let need_v = dh != sh;
     if !need_h && !need_v {
@@ -134,7 +160,10 @@ pub fn resize_rgb(src: &[u8], src_w: u32, src_h: u32, src_stride: usize, dst_w: 
     let vert = need_v.then(|| Coeffs::cached(src_h, dst_h));
     // Rows the vertical pass reads (Pillow's ybox_first .. ybox_last).
     let (row0, row1) = match &vert {
-        Some(v) => (v.start[0] as usize, (v.start[dh - 1] + v.count[dh - 1]) as usize),
+        Some(v) => (
+            v.start[0] as usize,
+            (v.start[dh - 1] + v.count[dh - 1]) as usize,
+        ),
         None => (0, sh),
     };
     if !need_v {
@@ -206,11 +235,20 @@ mod tests {
 
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
-        for &(i, o) in &[(640u32, 644u32), (480, 476), (1920, 1876), (42, 112), (5, 3)] {
+        for &(i, o) in &[
+            (640u32, 644u32),
+            (480, 476),
+            (1920, 1876),
+            (42, 112),
+            (5, 3),
+        ] {
             let c = Coeffs::new(i, o);
             for xx in 0..o as usize {
                 let s: i64 = c.taps(xx).1.iter().map(|&w| w as i64).sum();
-                assert!((s - (1 << 22)).abs() <= c.count[xx] as i64, "{i}->{o} at {xx}: {s}");
+                assert!(
+                    (s - (1 << 22)).abs() <= c.count[xx] as i64,
+                    "{i}->{o} at {xx}: {s}"
+                );
             }
         }
     }
@@ -220,8 +258,12 @@ mod tests {
         let src: Vec<u8> = (0..4 * 3 * 3).map(|i| i as u8).collect();
         assert_eq!(resize_rgb(&src, 4, 3, 12, 4, 3), src);
         let flat = vec![77u8; 50 * 30 * 3];
-        assert!(resize_rgb(&flat, 50, 30, 150, 112, 84).iter().all(|&v| v == 77));
-        assert!(resize_rgb(&flat, 50, 30, 150, 28, 28).iter().all(|&v| v == 77));
+        assert!(resize_rgb(&flat, 50, 30, 150, 112, 84)
+            .iter()
+            .all(|&v| v == 77));
+        assert!(resize_rgb(&flat, 50, 30, 150, 28, 28)
+            .iter()
+            .all(|&v| v == 77));
     }
 
     #[test]
@@ -232,6 +274,9 @@ mod tests {
         for y in 0..h {
             padded[y * 16..y * 16 + w * 3].copy_from_slice(&tight[y * w * 3..(y + 1) * w * 3]);
         }
-        assert_eq!(resize_rgb(&tight, 5, 4, 15, 7, 3), resize_rgb(&padded, 5, 4, 16, 7, 3));
+        assert_eq!(
+            resize_rgb(&tight, 5, 4, 15, 7, 3),
+            resize_rgb(&padded, 5, 4, 16, 7, 3)
+        );
     }
 }

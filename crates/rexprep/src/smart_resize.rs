@@ -19,12 +19,20 @@ pub const MAX_RATIO: f64 = 200.0;
 /// (width 840, not 868).
 pub fn smart_resize(height: u32, width: u32) -> Result<(u32, u32), PrepError> {
     if height < FACTOR || width < FACTOR {
-        return Err(PrepError::TooSmall { width, height, factor: FACTOR });
+        return Err(PrepError::TooSmall {
+            width,
+            height,
+            factor: FACTOR,
+        });
     }
     let (h, w) = (height as f64, width as f64);
     let ratio = h.max(w) / h.min(w);
     if ratio > MAX_RATIO {
-        return Err(PrepError::AspectRatio { width, height, ratio });
+        return Err(PrepError::AspectRatio {
+            width,
+            height,
+            ratio,
+        });
     }
     let f = FACTOR as f64;
     let mut h_bar = (h / f).round_ties_even() as u64 * FACTOR as u64;
@@ -81,18 +89,38 @@ mod tests {
     #[test]
     fn too_small_names_both_sides() {
         let e = smart_resize(27, 640).unwrap_err();
-        assert!(matches!(e, PrepError::TooSmall { width: 640, height: 27, .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                PrepError::TooSmall {
+                    width: 640,
+                    height: 27,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         let msg = e.to_string();
-        assert!(msg.contains("27") && msg.contains("640") && msg.contains("28"), "{msg}");
+        assert!(
+            msg.contains("27") && msg.contains("640") && msg.contains("28"),
+            "{msg}"
+        );
         assert!(smart_resize(28, 28).is_ok());
     }
 
     #[test]
     fn ratio_over_200_fails_with_the_ratio() {
-        assert!(smart_resize(28, 5600).is_ok(), "ratio exactly 200 is allowed");
+        assert!(
+            smart_resize(28, 5600).is_ok(),
+            "ratio exactly 200 is allowed"
+        );
         let e = smart_resize(28, 5601).unwrap_err();
         match &e {
-            PrepError::AspectRatio { width: 5601, height: 28, ratio } => assert!(*ratio > 200.0),
+            PrepError::AspectRatio {
+                width: 5601,
+                height: 28,
+                ratio,
+            } => assert!(*ratio > 200.0),
             other => panic!("{other:?}"),
         }
         assert!(e.to_string().contains("200.03"), "{e}");
@@ -102,11 +130,16 @@ mod tests {
     fn outputs_are_28_aligned_and_bounded() {
         for h in (28..3000).step_by(97) {
             for w in (28..3000).step_by(89) {
-                let Ok((h2, w2)) = smart_resize(h, w) else { continue };
+                let Ok((h2, w2)) = smart_resize(h, w) else {
+                    continue;
+                };
                 assert_eq!(h2 % 28, 0);
                 assert_eq!(w2 % 28, 0);
                 let px = h2 as u64 * w2 as u64;
-                assert!((MIN_PIXELS..=MAX_PIXELS).contains(&px), "{w}x{h} -> {w2}x{h2}");
+                assert!(
+                    (MIN_PIXELS..=MAX_PIXELS).contains(&px),
+                    "{w}x{h} -> {w2}x{h2}"
+                );
             }
         }
     }

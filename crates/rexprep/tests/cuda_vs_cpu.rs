@@ -1,0 +1,174 @@
+//! The CUDA kernels against the CPU reference path on the committed fixtures (RGB and NV12/I420), plus the
+//! kernel time per 1080p frame. Needs `--features cuda` and a GPU; otherwise it says it was skipped.
+
+#[test]
+fn gpu_matches_cpu() {
+    #[cfg(not(feature = "cuda"))]
+    println!("SKIPPED gpu_matches_cpu: built without feature `cuda`.");
+    #[cfg(feature = "cuda")]
+    gpu::run();
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::path::{Path, PathBuf};
+    use std::time::Instant;
+
+    use rexprep::cuda::{driver_present, CudaPrep, DeviceFrame};
+    use rexprep::{prepare, resize_frame, Colorimetry, Frame, PixelFormat};
+    use serde_json::Value;
+
+    fn dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/prep")
+    }
+
+    fn png_rgb(path: &Path) -> (u32, u32, Vec<u8>) {
+        let img = image::open(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .to_rgb8();
+        (img.width(), img.height(), img.into_raw())
+    }
+
+    fn compare(cuda: &CudaPrep, name: &str, frame: &Frame) {
+        let cpu = prepare(frame).unwrap();
+        let gpu = cuda.prepare(frame).unwrap();
+        let pv = cuda.stream().clone_dtoh(&gpu.pixel_values).unwrap();
+        assert_eq!(gpu.grid_thw, cpu.grid_thw, "{name}");
+        let max = pv
+            .iter()
+            .zip(&cpu.pixel_values)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let (cpu_resized, (w2, h2)) = resize_frame(frame).unwrap();
+        let dev = cuda.stream().clone_htod(frame.data).unwrap();
+        let df = DeviceFrame {
+            width: frame.width,
+            height: frame.height,
+            format: frame.format,
+            data: &dev,
+            strides: frame.strides,
+            offsets: frame.offsets,
+            colorimetry: frame.colorimetry,
+        };
+        let r = cuda.resize_device(&df, w2, h2).unwrap();
+        let gpu_resized = cuda.stream().clone_dtoh(&r).unwrap();
+        let differing = gpu_resized
+            .iter()
+            .zip(&cpu_resized)
+            .filter(|(a, b)| a != b)
+            .count();
+        println!(
+            "{name}: GPU vs CPU: resized differing bytes {differing}, pixel_values max |d| {max:e}"
+        );
+        assert_eq!(differing, 0, "{name}");
+        assert!(max <= 1e-6, "{name}: {max}");
+    }
+
+    pub fn run() {
+        if !driver_present() {
+            println!("SKIPPED gpu_matches_cpu: no NVIDIA driver (libcuda) on this host.");
+            return;
+        }
+        let cuda = match CudaPrep::new(0) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("SKIPPED gpu_matches_cpu: driver present but no usable device: {e}");
+                return;
+            }
+        };
+        let m: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap())
+                .unwrap();
+        for c in m["cases"].as_array().unwrap() {
+            let name = c["case"].as_str().unwrap();
+            let (w, h, rgb) = png_rgb(&dir().join(format!("{name}.png")));
+            compare(&cuda, name, &Frame::rgb(w, h, &rgb));
+        }
+        for c in m["yuv"].as_array().unwrap() {
+            let file = c["file"].as_str().unwrap();
+            let data = std::fs::read(dir().join("yuv").join(file)).unwrap();
+            let arr3 = |k: &str| [0, 1, 2].map(|i| c[k][i].as_u64().unwrap() as usize);
+            let frame = Frame {
+                width: c["width"].as_u64().unwrap() as u32,
+                height: c["height"].as_u64().unwrap() as u32,
+                format: if c["format"] == "nv12" {
+                    PixelFormat::Nv12
+                } else {
+                    PixelFormat::I420
+                },
+                data: &data,
+                strides: arr3("strides"),
+                offsets: arr3("offsets"),
+                colorimetry: if c["colorimetry"] == "bt709" {
+                    Colorimetry::BT709
+                } else {
+                    Colorimetry::BT601
+                },
+            };
+            compare(&cuda, file, &frame);
+        }
+
+        // Kernel time per 1080p frame: RGB and an NV12 frame of the same picture, already on the device.
+        let (w, h, rgb) = png_rgb(&dir().join("astronaut_1920x1080.png"));
+        let nv12 = to_nv12(w as usize, h as usize, &rgb);
+        for (label, frame) in [
+            ("RGB", Frame::rgb(w, h, &rgb)),
+            ("NV12", Frame::nv12(w, h, &nv12)),
+        ] {
+            compare(&cuda, &format!("1080p {label}"), &frame);
+            let dev = cuda.stream().clone_htod(frame.data).unwrap();
+            let df = DeviceFrame {
+                width: w,
+                height: h,
+                format: frame.format,
+                data: &dev,
+                strides: frame.strides,
+                offsets: frame.offsets,
+                colorimetry: frame.colorimetry,
+            };
+            for _ in 0..5 {
+                cuda.prepare_device(&df).unwrap();
+            }
+            cuda.stream().synchronize().unwrap();
+            let iters = 100;
+            let t = Instant::now();
+            for _ in 0..iters {
+                std::hint::black_box(cuda.prepare_device(&df).unwrap());
+            }
+            cuda.stream().synchronize().unwrap();
+            let dev_ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+            let t = Instant::now();
+            for _ in 0..iters {
+                std::hint::black_box(cuda.prepare(&frame).unwrap());
+            }
+            cuda.stream().synchronize().unwrap();
+            let host_ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+            let t = Instant::now();
+            for _ in 0..5 {
+                std::hint::black_box(prepare(&frame).unwrap());
+            }
+            let cpu_ms = t.elapsed().as_secs_f64() * 1e3 / 5.0;
+            println!(
+                "1080p {label}: device frame -> pixel_values {dev_ms:.3} ms/frame; with host upload {host_ms:.3} ms/frame; CPU path {cpu_ms:.1} ms/frame"
+            );
+        }
+    }
+
+    /// Simple BT.709-limited NV12 of an RGB image (only used as a timing input).
+    fn to_nv12(w: usize, h: usize, rgb: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; w * h + w * h / 2];
+        for y in 0..h {
+            for x in 0..w {
+                let p = &rgb[(y * w + x) * 3..];
+                let (r, g, b) = (p[0] as f32, p[1] as f32, p[2] as f32);
+                out[y * w + x] = (16.0 + (0.1826 * r + 0.6142 * g + 0.0620 * b)).round() as u8;
+                if y % 2 == 0 && x % 2 == 0 {
+                    let o = w * h + (y / 2) * w + x;
+                    out[o] = (128.0 - 0.1006 * r - 0.3386 * g + 0.4392 * b).round() as u8;
+                    out[o + 1] = (128.0 + 0.4392 * r - 0.3989 * g - 0.0403 * b).round() as u8;
+                }
+            }
+        }
+        out
+    }
+}

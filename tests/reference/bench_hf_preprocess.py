@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Time the HF slow Qwen2VLImageProcessor (Rex-Omni's preprocessing, rex-omni-spec.md §1.1) on the images
+`cargo bench -p rexprep --bench prepare` uses, and print the same table (median ms/frame).
+
+Images: tests/fixtures/prep/astronaut_640x480.png, a 1280x720 PIL-BICUBIC resize of astronaut_1920x1080.png
+(what the Rust bench builds with its Pillow-exact resize), and astronaut_1920x1080.png.
+Pins: pillow==10.4.0, transformers==4.51.3 (tests/reference/requirements-prep.txt).
+
+Usage: /work/venv/bin/python tests/reference/bench_hf_preprocess.py [--rust-ms 640x480=1.2,1280x720=..]
+"""
+import argparse
+import os
+import statistics
+import time
+
+import PIL
+from PIL import Image
+import transformers
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures", "prep")
+
+
+def median_ms(fn, min_runs=5, budget_s=3.0):
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < budget_s and len(times) < 200):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), len(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rust-ms", default="", help="e.g. 640x480=1.3,1280x720=4.0,1920x1080=8.1 to print ratios")
+    args = ap.parse_args()
+    rust = dict(kv.split("=") for kv in args.rust_ms.split(",") if kv)
+    proc = Qwen2VLImageProcessor(min_pixels=16 * 28 * 28, max_pixels=2560 * 28 * 28)
+    full = Image.open(os.path.join(FIX, "astronaut_1920x1080.png")).convert("RGB")
+    images = [Image.open(os.path.join(FIX, "astronaut_640x480.png")).convert("RGB"),
+              full.resize((1280, 720), Image.BICUBIC), full]
+    print(f"pillow {PIL.__version__}, transformers {transformers.__version__}, slow Qwen2VLImageProcessor")
+    print("| input | resized | HF ms/frame | runs | rust ms/frame | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for img in images:
+        out = proc(images=[img], return_tensors="np")
+        g = out["image_grid_thw"][0]
+        ms, n = median_ms(lambda: proc(images=[img], return_tensors="np"))
+        key = f"{img.width}x{img.height}"
+        r = float(rust[key]) if key in rust else None
+        print(f"| {key} | {g[2] * 14}x{g[1] * 14} | {ms:.1f} | {n} | "
+              f"{'' if r is None else f'{r:.2f}'} | {'' if r is None else f'{ms / r:.1f}x'} |")
+
+
+if __name__ == "__main__":
+    main()
