@@ -715,7 +715,7 @@ pub struct Rexstream {
 }
 
 impl Rexstream {
-    /// Run `rexstream <args…>` with `RUST_LOG` defaulting to `info`; `env` adds variables.
+    /// Run `rexstream <args…>` with `RUST_LOG` defaulting to `info,rumqttd=warn`; `env` adds variables.
     /// Returns at once; use [`Rexstream::wait_healthy`] or a subscriber to wait for readiness.
     pub fn spawn(
         args: &[&str],
@@ -726,7 +726,7 @@ impl Rexstream {
         let mut cmd = Command::new(rexstream_bin()?);
         cmd.args(args).current_dir(workspace_root());
         if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
+            cmd.env("RUST_LOG", "info,rumqttd=warn");
         }
         cmd.envs(env);
         let proc = spawn_logged("rexstream", cmd, &dir.path().join("rexstream.log"))?;

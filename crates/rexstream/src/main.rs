@@ -42,10 +42,14 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // rumqttd (the embedded broker) logs every client connect at INFO; keep it to warnings unless
+    // RUST_LOG asks for more. Colours only on a terminal, so log files stay plain text.
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -207,7 +207,7 @@ async fn run_async(pipeline: Pipeline, source: String) -> Result<()> {
         .name("scheduler".into())
         .spawn(move || scheduler.run(credits_rx, batches_tx, sd))
         .context("cannot start the scheduler thread")?;
-    info!(message = "Pipeline running.", pipeline = %pipeline, metrics = %http_addr);
+    info!(message = "Pipeline running.", file = %pipeline.file.display(), streams = pipeline.streams.len(), metrics = %http_addr);
 
     // Run until a signal, or until the detector stops by itself (every stream ended).
     let mut worker_done = tokio::task::spawn_blocking(move || worker.join());

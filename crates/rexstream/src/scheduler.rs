@@ -53,7 +53,8 @@ pub struct SchedulerMetrics {
 
 pub struct Scheduler {
     streams: Vec<ScheduledStream>,
-    next_due: Vec<Instant>,
+    /// When each stream may be served again; `None` = now (never served).
+    next_due: Vec<Option<Instant>>,
     cursor: usize,
     max_batch: usize,
     wakeup: Arc<Wakeup>,
@@ -67,9 +68,8 @@ impl Scheduler {
         wakeup: Arc<Wakeup>,
         metrics: SchedulerMetrics,
     ) -> Self {
-        let now = Instant::now();
         Self {
-            next_due: vec![now; streams.len()],
+            next_due: vec![None; streams.len()],
             streams,
             cursor: 0,
             max_batch: max_batch.max(1),
@@ -94,15 +94,19 @@ impl Scheduler {
             if !s.slot.is_full() {
                 continue;
             }
-            if now < self.next_due[i] {
-                let w = self.next_due[i] - now;
+            let due = self.next_due[i];
+            if let Some(d) = due.filter(|d| now < *d) {
+                let w = d - now;
                 wait = Some(wait.map_or(w, |x: Duration| x.min(w)));
                 continue;
             }
             if let Some(f) = s.slot.take() {
                 // Due again one interval after the previous due time (keeps the exact rate when
                 // the detector is fast), but never in the past (no catch-up bursts when it is slow).
-                self.next_due[i] = (self.next_due[i] + s.min_interval).max(now);
+                self.next_due[i] = Some(match due {
+                    Some(d) => (d + s.min_interval).max(now),
+                    None => now + s.min_interval,
+                });
                 frames.push(f);
                 last = Some(i);
             }

@@ -96,6 +96,10 @@ impl Frame {
             }
         }
         let (w, h) = (info.width() as usize, info.height() as usize);
+        if w == 0 || h == 0 {
+            return Err(FrameError::BadCaps(caps.to_string()));
+        }
+        // The last byte the planes reach: a short buffer must not reach the detector.
         let need = match format {
             PixelFormat::Rgb => offsets[0] + strides[0] * (h - 1) + 3 * w,
             PixelFormat::Nv12 => offsets[1] + strides[1] * (h.div_ceil(2) - 1) + 2 * w.div_ceil(2),
