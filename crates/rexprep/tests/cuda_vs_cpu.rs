@@ -172,3 +172,26 @@ mod gpu {
         out
     }
 }
+
+/// Without a driver, selection must fall back to the CPU path instead of letting cudarc panic; with one,
+/// both paths give the same `Prepared`.
+#[cfg(feature = "cuda")]
+#[test]
+fn select_never_panics_and_agrees_with_cpu() {
+    use rexprep::cuda::{driver_present, Preprocessor};
+    let p = Preprocessor::select(0);
+    if !driver_present() {
+        assert!(
+            matches!(p, Preprocessor::Cpu),
+            "no driver must mean the CPU path"
+        );
+    }
+    let rgb: Vec<u8> = (0..97 * 61 * 3).map(|i| (i * 7 % 256) as u8).collect();
+    let frame = rexprep::Frame::rgb(97, 61, &rgb);
+    let a = p.prepare_host(&frame).unwrap();
+    let b = rexprep::prepare(&frame).unwrap();
+    assert_eq!(a.grid_thw, b.grid_thw);
+    assert_eq!(a.pixel_values, b.pixel_values);
+    // A second selection does not log again (OnceLock) and still works.
+    assert!(Preprocessor::select(0).prepare_host(&frame).is_ok());
+}

@@ -43,7 +43,7 @@ pub fn driver_present() -> bool {
     // SAFETY: loading libcuda runs its initialisers, which is what any CUDA program does at start.
     names
         .iter()
-        .any(|n| unsafe { libloading::Library::new(n) }.is_ok())
+        .any(|n| unsafe { libloading::Library::new(*n) }.is_ok())
 }
 
 /// `#[repr(C)]` mirror of `struct YuvMatrix` in prep.cu, passed by value.
