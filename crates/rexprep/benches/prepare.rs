@@ -51,8 +51,8 @@ fn main() {
         (1280, 720, hd),
         (w1, h1, full),
     ];
-    println!("| input | resized | rgb ms/frame | nv12 ms/frame | runs |");
-    println!("|---|---|---|---|---|");
+    println!("| input | resized | rgb ms/frame | nv12 ms/frame | of which resize | of which patchify | runs |");
+    println!("|---|---|---|---|---|---|---|");
     for (w, h, rgb) in &images {
         let frame = Frame::rgb(*w, *h, rgb);
         let p = prepare(&frame).expect("prepare");
@@ -64,9 +64,18 @@ fn main() {
         let (nv12_ms, _) = median_ms(|| {
             std::hint::black_box(prepare(std::hint::black_box(&nframe)).expect("prepare"));
         });
-        println!(
-            "| {w}x{h} | {}x{} | {rgb_ms:.2} | {nv12_ms:.2} | {n} |",
-            p.resized.0, p.resized.1
-        );
+        let (w2, h2) = p.resized;
+        let (resize_ms, _) = median_ms(|| {
+            std::hint::black_box(resize_rgb(rgb, *w, *h, *w as usize * 3, w2, h2));
+        });
+        let resized = resize_rgb(rgb, *w, *h, *w as usize * 3, w2, h2);
+        let (patchify_ms, _) = median_ms(|| {
+            std::hint::black_box(rexprep::patchify::patchify(
+                &resized,
+                w2 as usize,
+                h2 as usize,
+            ));
+        });
+        println!("| {w}x{h} | {w2}x{h2} | {rgb_ms:.2} | {nv12_ms:.2} | {resize_ms:.2} | {patchify_ms:.2} | {n} |");
     }
 }

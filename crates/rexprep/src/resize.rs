@@ -197,8 +197,9 @@ fn horizontal(src: &[u8], stride: usize, rows: std::ops::Range<usize>, c: &Coeff
         for (xx, px) in orow.chunks_exact_mut(3).enumerate() {
             let (x0, k) = c.taps(xx);
             let (mut r, mut g, mut b) = (HALF, HALF, HALF);
-            for (i, &w) in k.iter().enumerate() {
-                let p = &line[(x0 + i) * 3..(x0 + i) * 3 + 3];
+            // One slice for all taps: no per-tap bounds checks in the hot loop.
+            let src_px = &line[x0 * 3..(x0 + k.len()) * 3];
+            for (p, &w) in src_px.chunks_exact(3).zip(k) {
                 r += p[0] as i32 * w;
                 g += p[1] as i32 * w;
                 b += p[2] as i32 * w;
