@@ -125,7 +125,7 @@ fn notebook_answer_streams_box_by_box() {
         let new = parser.push(id, -0.01 * (i % 7) as f32);
         if !new.is_empty() {
             // A box is emitted by the id of its 4th coordinate.
-            assert_eq!(rexomni::protocol::coordinate_bin(id).is_some(), true);
+            assert!(rexomni::protocol::coordinate_bin(id).is_some());
             assert_eq!(new.len(), 1);
         }
         streamed.extend(new);

@@ -174,11 +174,11 @@ struct Answer {
     items: Vec<(String, Option<Vec<Vec<u16>>>)>,
     shape_sep: &'static str,
     item_sep: &'static str,
-    end: End,
+    end: Ending,
 }
 
 #[derive(Debug, Clone, Copy)]
-enum End {
+enum Ending {
     ImEnd,
     AfterBoxEnd,
     /// Cut right after the last coordinate (fixed-count tasks only).
@@ -208,9 +208,10 @@ fn answer_strategy() -> impl Strategy<Value = Answer> {
             prop::option::weighted(0.85, prop::collection::vec(shape_strategy(task), 1..5)),
         );
         let end = if task.coords_per_shape().is_some() {
-            proptest::sample::select(vec![End::ImEnd, End::AfterBoxEnd, End::InsideItem]).boxed()
+            proptest::sample::select(vec![Ending::ImEnd, Ending::AfterBoxEnd, Ending::InsideItem])
+                .boxed()
         } else {
-            proptest::sample::select(vec![End::ImEnd, End::AfterBoxEnd]).boxed()
+            proptest::sample::select(vec![Ending::ImEnd, Ending::AfterBoxEnd]).boxed()
         };
         (
             Just(task),
@@ -253,7 +254,7 @@ fn answer_ids(a: &Answer) -> Vec<u32> {
         out.push(ids::BOX_END);
     }
     match a.end {
-        End::ImEnd => {
+        Ending::ImEnd => {
             out.push(ids::IM_END);
             // Anything after <|im_end|> is ignored by both parsers.
             out.extend([
@@ -264,8 +265,8 @@ fn answer_ids(a: &Answer) -> Vec<u32> {
                 ids::COORD_BASE,
             ]);
         }
-        End::AfterBoxEnd => {}
-        End::InsideItem => {
+        Ending::AfterBoxEnd => {}
+        Ending::InsideItem => {
             if a.items.last().is_some_and(|(_, s)| s.is_some()) {
                 out.pop();
             }
@@ -285,7 +286,10 @@ fn stream(task: Task, ids: &[u32], w: u32, h: u32) -> (Vec<Detection>, ParsedOut
 }
 
 /// A well-formed keypoint answer as text.
-fn keypoint_text(instances: &[(String, [u16; 4], Vec<Option<[u16; 2]>>)], fenced: bool) -> String {
+/// (category, bbox bins, per keypoint: point bins or unvisible).
+type KeypointInstance = (String, [u16; 4], Vec<Option<[u16; 2]>>);
+
+fn keypoint_text(instances: &[KeypointInstance], fenced: bool) -> String {
     let names = rexomni::protocol::keypoint_names("person").unwrap();
     let body: Vec<String> = instances
         .iter()
@@ -328,7 +332,7 @@ proptest! {
         let n: usize = a.items.iter().map(|(_, s)| s.as_ref().map_or(0, Vec::len)).sum();
         prop_assert_eq!(done.detections.len(), n);
         prop_assert_eq!(&streamed, &done.detections);
-        prop_assert_eq!(done.truncated, !matches!(a.end, End::ImEnd));
+        prop_assert_eq!(done.truncated, !matches!(a.end, Ending::ImEnd));
         prop_assert_eq!(without_scores(done), parse_output(&tok().decode(&ids), a.task, w, h));
     }
 

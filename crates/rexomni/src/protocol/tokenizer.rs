@@ -1,9 +1,9 @@
 //! `RexTokenizer`: Qwen2 byte-level BPE plus Rex-Omni's coordinate tokens (rex-omni-spec.md §4.2).
 //!
-//! In: a checkpoint folder — `tokenizer.json` when present, otherwise `vocab.json` + `merges.txt`
-//! + `tokenizer_config.json` (the released Rex-Omni checkpoint ships no tokenizer.json). Out: prompt
-//! ids and decoded text. Loaded once per model; encode/decode are `&self` and run on whichever thread
-//! builds prompts (the detector worker) or parses output.
+//! In: a checkpoint folder: `tokenizer.json` when present, otherwise `vocab.json`, `merges.txt` and
+//! `tokenizer_config.json` (the released Rex-Omni checkpoint ships no tokenizer.json). Out: prompt
+//! ids and decoded text. Loaded once per model; encode/decode take `&self` and run on whichever
+//! thread builds prompts (the detector worker) or parses output.
 //!
 //! Why not just `tokenizers::Tokenizer` with added tokens: the `<k>` strings live at ids
 //! 150643+k, inside the BPE range, and the tokenizers crate gives added tokens NEW ids (≥151665,
@@ -79,6 +79,9 @@ pub enum TokenKind<'a> {
     /// An id the tokenizer does not know (e.g. the unused embedding rows 151665..151935).
     Unknown,
 }
+
+/// What tokenizer.json gives: the plain-text tokenizer, its vocabulary and its added tokens.
+type TokenizerJsonParts = (Tokenizer, HashMap<String, u32>, Vec<(u32, String)>);
 
 /// The Rex-Omni tokenizer. See the module doc for why it is not a plain `tokenizers::Tokenizer`.
 pub struct RexTokenizer {
@@ -297,9 +300,7 @@ impl RexTokenizer {
 
     /// tokenizer.json → the plain-text part (its normalizer, pre-tokenizer and model, NOT its added
     /// tokens, which would split user text) and its added tokens.
-    fn load_tokenizer_json(
-        path: &Path,
-    ) -> Result<(Tokenizer, HashMap<String, u32>, Vec<(u32, String)>), ProtocolError> {
+    fn load_tokenizer_json(path: &Path) -> Result<TokenizerJsonParts, ProtocolError> {
         let full =
             Tokenizer::from_file(path).map_err(|e| file_err(path, "(file)", e.to_string()))?;
         let mut tok = Tokenizer::new(full.get_model().clone());
