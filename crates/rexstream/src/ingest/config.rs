@@ -92,6 +92,10 @@ const fn default_reconnect_min_s() -> f64 {
 const fn default_reconnect_max_s() -> f64 {
     30.0
 }
+/// Upper bound for every duration field (one year): bigger values are typos, and values near
+/// `Duration::MAX` would panic in `Duration::from_secs_f64` or overflow the back-off's jitter.
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
 const fn default_task() -> Task {
     Task::Detection
 }
@@ -319,9 +323,24 @@ impl StreamConfig {
         let positive = |errs: &mut FieldErrors, field: &str, v: f64| {
             if !(v.is_finite() && v > 0.0) {
                 errs.push(at(field), format!("{v} is not > 0"));
+            } else if v > MAX_SECONDS {
+                // Found by tests/fuzz_config.rs (issue 6): `Duration::from_secs_f64(1e300)` panics,
+                // so a huge value must be rejected here, not crash the process below.
+                errs.push(
+                    at(field),
+                    format!("{v} is more than {MAX_SECONDS} (one year)"),
+                );
             }
         };
-        positive(errs, "max_fps", self.max_fps);
+        // max_fps becomes the Duration 1/max_fps: the same bound, the other way round.
+        if !(self.max_fps.is_finite() && self.max_fps > 0.0) {
+            errs.push(at("max_fps"), format!("{} is not > 0", self.max_fps));
+        } else if 1.0 / self.max_fps > MAX_SECONDS {
+            errs.push(
+                at("max_fps"),
+                format!("{} is less than one frame per year", self.max_fps),
+            );
+        }
         positive(errs, "no_frame_timeout_s", self.no_frame_timeout_s);
         positive(errs, "reconnect_min_s", self.reconnect_min_s);
         positive(errs, "reconnect_max_s", self.reconnect_max_s);
@@ -386,7 +405,9 @@ impl StreamConfig {
                         at("password_env"),
                         format!(
                             "uri {} has no user@ part to add the password to",
-                            redact_userinfo(u)
+                            // Not just redact_userinfo: a `${VAR}` value may sit outside the
+                            // userinfo (`rtsp://${CAM_PW}`); found by tests/fuzz_config.rs.
+                            SecretUri::new(u.clone(), &secrets)
                         ),
                     ),
                 },
