@@ -12,7 +12,7 @@ What goes out:
       reference.safetensors: float32 references computed by transformers 4.51.3 from the bf16-rounded weights.
   tests/fixtures/tiny-cases/cases.json + cases.safetensors: the test images (resized uint8 RGB as PIL 10.4
       BICUBIC produced it), grid_thw, prompt ids, and case 0's float32 pixel_values (to check the Rust
-      normalise + patchify helper).
+      normalise + patchify helper); case{i}.png: the original-size images.
 
 Run:  /work/venv/bin/python tests/reference/gen_model_fixtures.py   (CPU, ~1 min)
 """
@@ -124,6 +124,9 @@ def make_images():
     for i, (w, h, cats) in enumerate(CASES):
         src = Image.fromarray(sources[i % len(sources)]).convert("RGB")
         img = src.resize((w, h), Image.BICUBIC)
+        # The original-size image too, so a Rust test can run the whole path (file → rexprep → model).
+        (FIX / "tiny-cases").mkdir(parents=True, exist_ok=True)
+        img.save(FIX / "tiny-cases" / f"case{i}.png")
         rh, rw = smart_resize(h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
         resized = np.asarray(img.resize((rw, rh), Image.BICUBIC), dtype=np.uint8)
         feats = proc(images=[img], return_tensors="pt")

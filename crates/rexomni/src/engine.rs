@@ -364,3 +364,80 @@ fn left_pad_and_stack(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seen: &[u32]) -> Row {
+        Row {
+            seen: seen.iter().copied().collect(),
+            out: GenerateOutput {
+                token_ids: vec![],
+                logprobs: vec![],
+                top_logprobs: vec![],
+                stopped_on_eos: false,
+                timings: StageTimings::default(),
+            },
+            base: 0,
+            pad: 0,
+            done: false,
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_scores() {
+        let params = GenerateParams {
+            max_new_tokens: 10,
+            repetition_penalty: 1.05,
+            top_logprobs: 2,
+        };
+        // Seen id 0 at 1.0 → 0.952 < 0.96 (id 1) → 1 wins.
+        let mut r = row(&[0]);
+        assert_eq!(pick(&mut r, &[1.0, 0.96, -3.0], &params), 1);
+        // The logprob and top-K are of the distribution BEFORE the penalty: id 0 is still the top.
+        assert_eq!(r.out.top_logprobs[0][0].0, 0);
+        let lse = (1f64.exp() + 0.96f64.exp() + (-3f64).exp()).ln();
+        assert!((r.out.logprobs[0] as f64 - (0.96 - lse)).abs() < 1e-6);
+        // Negative: seen id 0 at -0.5 → -0.525 < -0.51 → 1 wins; without the penalty 0 would.
+        let mut r = row(&[0]);
+        assert_eq!(pick(&mut r, &[-0.5, -0.51], &params), 1);
+        let mut r = row(&[0]);
+        assert_eq!(
+            pick(
+                &mut r,
+                &[-0.5, -0.51],
+                &GenerateParams {
+                    repetition_penalty: 1.0,
+                    ..params.clone()
+                }
+            ),
+            0
+        );
+        // A generated id is penalised on the next step.
+        let mut r = row(&[]);
+        assert_eq!(pick(&mut r, &[1.0, 0.96], &params), 0);
+        assert_eq!(pick(&mut r, &[1.0, 0.96], &params), 1);
+    }
+
+    #[test]
+    fn stops_on_either_stop_id_or_at_max_new_tokens() {
+        let params = GenerateParams {
+            max_new_tokens: 2,
+            repetition_penalty: 1.05,
+            top_logprobs: 0,
+        };
+        for stop in STOP_IDS {
+            let mut logits = vec![0f32; 151936];
+            logits[stop as usize] = 5.0;
+            let mut r = row(&[]);
+            pick(&mut r, &logits, &params);
+            assert!(r.done && r.out.stopped_on_eos, "{stop}");
+        }
+        let mut r = row(&[]);
+        pick(&mut r, &[1.0, 0.0], &params);
+        assert!(!r.done);
+        pick(&mut r, &[1.0, 0.0], &params);
+        assert!(r.done && !r.out.stopped_on_eos);
+    }
+}

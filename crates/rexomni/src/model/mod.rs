@@ -154,9 +154,9 @@ impl Qwen25Vl {
         let (positions, rope_delta) = rope::mrope_positions(ids, self.cfg.image_token_id, lh, lw);
         let (cos, sin) = self.cos_sin(&positions)?;
         let l = ids.len();
-        let dev = self.device.clone();
-        let mask =
-            move |start: usize, rows: usize| text::causal_mask(start, rows, 0, l, &dev).map(Some);
+        // Built once per prefill (not per layer and chunk): [1, 1, L, L] additive f32.
+        let causal = text::causal_mask(0, l, 0, l, &self.device)?;
+        let mask = move |start: usize, rows: usize| causal.narrow(2, start, rows).map(Some);
         let mut cache = KvCache::new(self.cfg.text.num_hidden_layers);
         let hidden = self.text.forward(&embeds, &cos, &sin, &mask, &mut cache)?;
         Ok(Prefill {
