@@ -8,16 +8,18 @@
 //!
 //! Every replica reads the same pipeline file and keeps the streams whose stable hash modulo the replica
 //! count equals its ordinal, so each stream runs on exactly one replica with no coordination service.
-//! The hash is FNV-1a 64 over the stream name's UTF-8 bytes: std's `DefaultHasher` is randomly seeded per
-//! process (and its algorithm may change between Rust releases), which would make two replicas — or the
-//! old and new binary during a rolling update — disagree about who owns a stream.
+//! The hash is FNV-1a 64 over the stream name's UTF-8 bytes. std's hashers will not do: `RandomState` is
+//! seeded randomly per process, and `DefaultHasher`'s algorithm is documented as unspecified and may change
+//! between Rust releases — either would let two replicas, or the old and new binary during a rolling
+//! update, disagree about who owns a stream.
 //!
-//! How `run` uses it (wiring lives in main.rs / run.rs):
+//! How `run` uses it (run.rs, right after loading the pipeline file):
 //! ```ignore
 //! let shard = Shard::resolve(args.shard.as_deref(), |k| std::env::var(k).ok())?;
-//! let streams: Vec<_> = config.streams.iter().filter(|s| shard.owns(&s.name)).collect();
-//! // A shard may own no stream at all (more replicas than streams): it still serves /metrics and /healthz.
+//! pipeline.streams.retain(|s| shard.owns(&s.name));
 //! ```
+//! With more replicas than streams a shard can own none; `run` then has nothing to watch and exits
+//! (deploy/k8s/README.md tells operators to keep replicas ≤ streams).
 
 use std::fmt;
 use std::str::FromStr;
