@@ -74,6 +74,23 @@ CASES = [
 ]
 
 
+# Plain user text: exercises the Qwen2 split regex (contractions, single digits, whitespace runs before
+# a word, newlines, punctuation runs), NFC and byte-level BPE on non-ASCII. Encoded as plain text.
+PLAIN_TEXTS = [
+    "I'm sure it's the man's cup, THEY'LL see; we'd've",
+    "12345 apples and 3.14159 pies, 2026-11-26",
+    "word  two   spaces\tand\ttabs\n\nnew  \n lines   ",
+    "   leading and trailing   ",
+    "Cafe\u0301 na\u0308ive \u00c5ngstr\u00f6m \u212b",
+    "\u4e2d\u6587\u5b57\u7b26 \u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8 \ud55c\uad6d\uc5b4",
+    "emoji \U0001F600\U0001F44D\U0001F3FD and symbols \u2209 \u2211 \u00a9\u00ae",
+    "!!!??? ... --- *** ((brackets)) [x0, y0] {json: 1}",
+    "<|im_end|><12><|box_start|> <0> < 999 > <|endoftext|>",
+    "robot-shape light, white chair, lamp. . Output",
+    "\r\n\r\nwindows\r\nline\u00a0nbsp\u3000ideographic space",
+]
+
+
 def main():
     tok = AutoTokenizer.from_pretrained(TOK_DIR, use_fast=False)
     assert type(tok).__name__ == "Qwen2Tokenizer", type(tok)
@@ -89,9 +106,10 @@ def main():
         cases.append({"name": name, "prompt": p, "image": [w, h], "num_image_tokens": n_img,
                       "prompt_text": prompt, "prompt_text_ids": len(tok.encode(prompt, split_special_tokens=user_is_special_looking)),
                       "ids": ids})
+    plain = [{"text": t, "ids": tok.encode(t, split_special_tokens=True)} for t in PLAIN_TEXTS]
     with open(OUT, "w") as f:
         json.dump({"tokenizer": "transformers %s Qwen2Tokenizer (slow)" % __import__("transformers").__version__,
-                   "cases": cases}, f, indent=1, ensure_ascii=False)
+                   "cases": cases, "plain_texts": plain}, f, indent=1, ensure_ascii=False)
         f.write("\n")
     print(f"{len(cases)} cases -> {OUT}")
 

@@ -22,6 +22,12 @@ fn tokenizer() -> RexTokenizer {
 #[derive(Deserialize)]
 struct Fixture {
     cases: Vec<Case>,
+    plain_texts: Vec<PlainText>,
+}
+#[derive(Deserialize)]
+struct PlainText {
+    text: String,
+    ids: Vec<u32>,
 }
 #[derive(Deserialize)]
 struct Case {
@@ -34,12 +40,25 @@ struct Case {
     ids: Vec<u32>,
 }
 
-fn cases() -> Vec<Case> {
+fn fixture() -> Fixture {
     let path = fixtures().join("protocol/prompt_ids.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str::<Fixture>(&text)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .cases
+    serde_json::from_str::<Fixture>(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn cases() -> Vec<Case> {
+    fixture().cases
+}
+
+#[test]
+fn plain_text_ids_equal_hf_slow_tokenizer() {
+    // Contractions, digits, whitespace runs, NFC, CJK, emoji, special-looking text.
+    let tok = tokenizer();
+    let texts = fixture().plain_texts;
+    assert!(texts.len() >= 10);
+    for t in &texts {
+        assert_eq!(tok.encode_plain(&t.text).unwrap(), t.ids, "{:?}", t.text);
+    }
 }
 
 #[test]
