@@ -7,6 +7,7 @@
 //! - `bf16_agreement_tiny`: bf16 vs the float32 transformers references on the tiny checkpoints: vision
 //!   relative error, greedy-id agreement. `cargo test -p rexomni --test model_bench -- --ignored --nocapture bf16`
 //! - `tiny_stage_times`: f32 CPU time per stage on the tiny checkpoints.
+#![cfg(feature = "model")]
 
 mod model_support;
 

@@ -1,6 +1,7 @@
 //! Vision tower and prefill against the transformers 4.51.3 float32 references (tests/reference/
 //! gen_model_fixtures.py): vision embeddings max |Δ| ≤ 1e-4, M-RoPE positions and rope delta exact,
 //! prefill logits max |Δ| ≤ 1e-3, for the tied and untied tiny checkpoints and four image sizes.
+#![cfg(feature = "model")]
 
 mod model_support;
 

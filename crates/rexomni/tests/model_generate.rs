@@ -1,6 +1,7 @@
 //! Generation against transformers 4.51.3 `generate(do_sample=False, repetition_penalty=1.05)` on the tiny
 //! checkpoints: 24 greedy ids identical, pre-penalty logprobs and top-5 within 1e-3; a batch of all four image
 //! sizes gives every row exactly the ids it gets alone.
+#![cfg(feature = "model")]
 
 mod model_support;
 

@@ -1,6 +1,7 @@
 //! Loading variants of the same tiny checkpoint must give the same numbers: layout B keys
 //! (`model.visual.*`, `model.language_model.*`) in one `model.safetensors`, a nested `text_config` with
 //! `rope_parameters` and `in_channels`, and f16/bf16 dtypes; bad folders fail naming file and field.
+#![cfg(feature = "model")]
 
 mod model_support;
 

@@ -1,6 +1,7 @@
 //! The whole detector path from an image file, as `rexstream detect` runs it: PNG → `rexprep::prepare`
 //! (Pillow-exact resize, normalise, patchify) → `RexTokenizer::encode_chat` (detection prompt) →
 //! `RexOmni::generate`, against what transformers 4.51.3 + Pillow 10.4 produced from the same file.
+#![cfg(feature = "model")]
 
 mod model_support;
 
