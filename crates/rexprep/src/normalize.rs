@@ -4,10 +4,19 @@
 //! 256 values, so the whole computation is a 3×256 lookup table built once: bit-identical to the HF
 //! processor and free per pixel. Shared by the CPU path and (uploaded once) by the CUDA kernels.
 
-/// OPENAI_CLIP mean, as in Qwen2.5-VL's preprocessor_config.json (spec §1.5).
-pub const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
-/// OPENAI_CLIP std (spec §1.5).
-pub const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+/// OPENAI_CLIP mean, as in Qwen2.5-VL's preprocessor_config.json (spec §1.5). Parsed as f64 and then
+/// cast, as Python + numpy do (`np.array(mean, dtype=float32)`), rather than parsed straight to f32.
+pub const MEAN: [f32; 3] = [
+    0.48145466f64 as f32,
+    0.4578275f64 as f32,
+    0.40821073f64 as f32,
+];
+/// OPENAI_CLIP std (spec §1.5), same f64 → f32 route.
+pub const STD: [f32; 3] = [
+    0.26862954f64 as f32,
+    0.26130258f64 as f32,
+    0.27577711f64 as f32,
+];
 /// `rescale_factor` 1/255 as Python stores it (a double).
 const RESCALE: f64 = 1.0 / 255.0;
 

@@ -28,6 +28,9 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
+/// (in_len, out_len) → taps.
+type CoeffCache = HashMap<(u32, u32), Arc<Coeffs>>;
+
 /// Fixed-point taps for one axis: output index `i` reads inputs `start[i] .. start[i] + count[i]`
 /// with weights `weights[i * ksize ..][.. count[i]]`.
 #[derive(Debug)]
@@ -93,7 +96,7 @@ impl Coeffs {
 
     /// Shared taps for (in_len, out_len), computed on first use.
     pub fn cached(in_len: u32, out_len: u32) -> Arc<Coeffs> {
-        static CACHE: OnceLock<Mutex<HashMap<(u32, u32), Arc<Coeffs>>>> = OnceLock::new();
+        static CACHE: OnceLock<Mutex<CoeffCache>> = OnceLock::new();
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
         // A poisoned lock only means another thread panicked while inserting; the map is still valid.
         let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());

@@ -57,7 +57,8 @@ mod tests {
     /// The worked examples of rex-omni-spec.md §1.3 (W×H in → W'×H' out).
     #[test]
     fn spec_table() {
-        let table: &[((u32, u32), (u32, u32))] = &[
+        type WxH = (u32, u32);
+        let table: &[(WxH, WxH)] = &[
             ((640, 480), (644, 476)),
             ((800, 600), (812, 588)),
             ((1280, 720), (1288, 728)),

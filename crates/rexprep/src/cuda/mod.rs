@@ -354,7 +354,7 @@ impl CudaPrep {
 
 /// Which path prepares frames in this process.
 pub enum Preprocessor {
-    Cuda(CudaPrep),
+    Cuda(Box<CudaPrep>),
     Cpu,
 }
 
@@ -364,7 +364,10 @@ impl Preprocessor {
     pub fn select(ordinal: usize) -> Preprocessor {
         static LOGGED: OnceLock<()> = OnceLock::new();
         let (p, why) = match CudaPrep::new(ordinal) {
-            Ok(c) => (Preprocessor::Cuda(c), String::from("CUDA kernels")),
+            Ok(c) => (
+                Preprocessor::Cuda(Box::new(c)),
+                String::from("CUDA kernels"),
+            ),
             Err(e) => (Preprocessor::Cpu, format!("CPU reference path ({e})")),
         };
         LOGGED.get_or_init(
