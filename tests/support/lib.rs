@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+/// Fault injection and measurement helpers for the reliability tests (issue 6).
+pub mod faults;
+
 /// A free TCP port on 127.0.0.1, found by binding port 0 and releasing it.
 pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -668,11 +671,22 @@ pub fn rexstream_bin() -> Result<PathBuf> {
         return Ok(p);
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-p", "rexstream", "--bin", "rexstream"])
-        .current_dir(workspace_root())
-        .status()
-        .context("run cargo build -p rexstream")?;
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "rexstream", "--bin", "rexstream"])
+        .current_dir(workspace_root());
+    // The test process carries the variables cargo set for *this* package (CARGO_PKG_*,
+    // CARGO_MANIFEST_DIR, …). Build scripts that watch the environment (cc, ring) would see them
+    // change and rebuild: hand the nested cargo a clean environment instead.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR")
+            || k == "OUT_DIR"
+            || k.starts_with("RUST_TEST")
+        {
+            cmd.env_remove(&k);
+        }
+    }
+    let st = cmd.status().context("run cargo build -p rexstream")?;
     if !st.success() {
         bail!("cargo build -p rexstream failed: {st}");
     }
