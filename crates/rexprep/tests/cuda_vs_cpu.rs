@@ -1,5 +1,8 @@
 //! The CUDA kernels against the CPU reference path on the committed fixtures (RGB and NV12/I420), plus the
 //! kernel time per 1080p frame. Needs `--features cuda` and a GPU; otherwise it says it was skipped.
+//! On a GPU host without Rust: build here with
+//! `cargo test -p rexprep --features cuda --test cuda_vs_cpu --no-run`, copy the binary and
+//! tests/fixtures/prep, run it with `REXPREP_FIXTURES=<that folder> <binary> --nocapture`.
 
 #[test]
 fn gpu_matches_cpu() {
@@ -18,8 +21,12 @@ mod gpu {
     use rexprep::{prepare, resize_frame, Colorimetry, Frame, PixelFormat};
     use serde_json::Value;
 
+    /// `REXPREP_FIXTURES` overrides the compile-time path, for a test binary copied to a GPU host.
     fn dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/prep")
+        match std::env::var_os("REXPREP_FIXTURES") {
+            Some(d) => PathBuf::from(d),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/prep"),
+        }
     }
 
     fn png_rgb(path: &Path) -> (u32, u32, Vec<u8>) {
