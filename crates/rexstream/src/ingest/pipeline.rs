@@ -118,6 +118,14 @@ impl StreamIngest {
                     detail,
                     had_frames,
                 } => {
+                    // A file that cannot be played (not video, corrupt, unreadable) will fail the
+                    // same way again: end its stream with the reason instead of retrying forever.
+                    if !self.cfg.uri.is_live() && reason == ReconnectReason::Error {
+                        self.status
+                            .disconnected(format!("{}: {detail}", reason.as_str()));
+                        error!(message = "File cannot be played; stream ended.", error = %detail);
+                        break;
+                    }
                     if had_frames && started.elapsed() >= STABLE_AFTER {
                         attempt = 0;
                     }
@@ -442,6 +450,9 @@ pub fn log_spawn_error(stream: &str, e: &std::io::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PipelineConfig;
+    use crate::ingest::frame::PixelFormat;
+    use crate::slot::Wakeup;
 
     #[test]
     fn backoff_doubles_then_caps_and_applies_jitter() {
@@ -456,5 +467,82 @@ mod tests {
             let j = jitter();
             assert!((0.75..=1.25).contains(&j), "{j}");
         }
+    }
+
+    /// Run one stream from `uri` (a `[[streams]]` snippet's extra lines) until its thread ends or
+    /// `limit` passes; returns (frames seen in the slot in order, final status, metrics text).
+    fn ingest(uri: &str, extra: &str, limit: Duration) -> (Vec<Frame>, Arc<StreamStatus>, String) {
+        init().unwrap();
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let file = manifest.join("../../pipelines/test.toml");
+        let text =
+            format!("[[streams]]\nname = \"t\"\nuri = \"{uri}\"\ncategories = [\"x\"]\n{extra}");
+        let cfg = PipelineConfig::parse(&text, "test.toml")
+            .unwrap()
+            .validate(&file, &|_| None)
+            .unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let sm = metrics.stream("t");
+        let wakeup = Wakeup::new();
+        let slot = Arc::new(LatestFrameSlot::new(sm.clone(), wakeup.clone()));
+        let status = Arc::new(StreamStatus::new(
+            "t".into(),
+            cfg.streams[0].uri.to_string(),
+        ));
+        let ing = StreamIngest {
+            index: 0,
+            cfg: cfg.streams[0].clone(),
+            slot: slot.clone(),
+            status: status.clone(),
+            metrics: sm,
+        };
+        let shutdown = Shutdown::new();
+        let t = ing.spawn(shutdown.clone()).unwrap();
+        let deadline = Instant::now() + limit;
+        let mut frames = Vec::new();
+        while Instant::now() < deadline && !t.is_finished() {
+            let g = wakeup.generation();
+            if let Some(f) = slot.take() {
+                frames.push(f);
+            }
+            wakeup.wait(g, Duration::from_millis(50));
+        }
+        frames.extend(slot.take());
+        shutdown.trigger();
+        t.join().unwrap();
+        (frames, status, metrics.encode())
+    }
+
+    #[test]
+    fn file_plays_to_its_end_with_increasing_seq_and_owned_rgb_frames() {
+        // The demo clip: 64 frames of 480x360 at 8 fps, played in real time (8 s).
+        let (frames, status, text) = ingest("media/demo.mp4", "", Duration::from_secs(30));
+        assert_eq!(status.state(), StreamState::Ended);
+        assert_eq!(status.frames(), 64, "{text}");
+        assert!(
+            frames.len() >= 32,
+            "the test drains the slot faster than 8 fps: {}",
+            frames.len()
+        );
+        assert!(frames.windows(2).all(|w| w[0].seq < w[1].seq));
+        let f = &frames[0];
+        assert_eq!((f.width, f.height, f.format), (480, 360, PixelFormat::Rgb));
+        assert!(f.data.len() >= f.strides[0] * 359 + 480 * 3);
+        assert!(f.pts_ns.is_some());
+        let prepared = rexprep::prepare(&f.as_prep()).unwrap();
+        assert_eq!(prepared.original, (480, 360));
+        assert!(
+            text.contains("rexstream_frames_received_total{stream=\"t\"} 64"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_video_ends_its_stream_with_the_reason() {
+        let (frames, status, _) = ingest("../Cargo.toml", "", Duration::from_secs(20));
+        assert!(frames.is_empty());
+        assert_eq!(status.state(), StreamState::Ended);
+        let err = status.last_error().unwrap_or_default();
+        assert!(err.starts_with("error: "), "{err}");
     }
 }
