@@ -207,14 +207,12 @@ fn dashboard_and_rules_use_only_rexstream_or_prometheus_metrics() {
         rule_exprs.len() >= 5,
         "expected the five alerts of issue 7, found {rule_exprs:?}"
     );
+    let string_literal = Regex::new(r#""[^"]*""#).expect("regex");
+    let range = Regex::new(r"\[[^\]]*\]").expect("regex");
     for e in exprs.iter().chain(rule_exprs.iter()) {
-        // Drop string literals ("…" label values) before looking for identifiers.
-        let no_strings = Regex::new(r#""[^"]*""#)
-            .expect("regex")
-            .replace_all(e, "\"\"");
-        let no_ranges = Regex::new(r"\[[^\]]*\]")
-            .expect("regex")
-            .replace_all(&no_strings, "[]");
+        // Drop string literals ("…" label values) and range selectors before looking for identifiers.
+        let no_strings = string_literal.replace_all(e, "\"\"");
+        let no_ranges = range.replace_all(&no_strings, "[]");
         for m in ident.find_iter(&no_ranges) {
             let w = m.as_str();
             if keywords.contains(w) || w.chars().all(|c| c.is_ascii_digit()) {

@@ -210,7 +210,7 @@ impl LibraryTarget {
                 stream: "lib-cam".into(),
                 seq,
                 frame: FrameInfo::new(None, SystemTime::now(), 320, 240),
-                task: prompt.task.clone(),
+                task: prompt.task,
                 prompt: prompt.clone(),
                 model: "library-target".into(),
                 detections: ["person", "ball"]
