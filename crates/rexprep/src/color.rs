@@ -2,10 +2,10 @@
 //! ready for `resize`. Runs on the thread that prepares the frame.
 //!
 //! Matrix and range come from `Frame::colorimetry` (the caps' `colorimetry`, or GStreamer's default:
-//! BT.601 limited for SD, BT.709 limited above 576 lines). Chroma is 4:2:0; each chroma sample is
-//! used for its 2×2 block of luma samples (nearest), which is what GStreamer's `videoconvert` does by
-//! default for these formats (its converter's fast paths do not interpolate chroma) — checked against
-//! real `videoconvert` output in tests/prep_fixtures.rs.
+//! BT.601 limited up to 576 lines, BT.709 limited above). Chroma is 4:2:0; each chroma sample is
+//! used for its 2×2 block of luma samples (nearest). GStreamer 1.22's `videoconvert` does the same for
+//! I420 but interpolates chroma for NV12, and its 8-bit matrix is biased by about −2.4 levels; the
+//! measured differences are asserted and explained in tests/prep_fixtures.rs.
 
 use crate::{ColorMatrix, ColorRange, Colorimetry, Frame, PixelFormat};
 

@@ -38,8 +38,10 @@ pub enum ColorRange {
 /// How to read YUV samples. Ignored for RGB frames.
 ///
 /// Take it from the caps' `colorimetry` field when present; when the caps do not say, use
-/// [`Colorimetry::gstreamer_default`], which is what GStreamer's `videoconvert` assumes (video-info.c:
-/// BT.601 for SD, BT.709 above 576 lines, BT.2020 from 2160 lines; limited range for YUV).
+/// [`Colorimetry::gstreamer_default`], which is what GStreamer 1.22's `videoconvert` assumes for 8-bit
+/// NV12/I420 caps without colorimetry: BT.601 up to 576 lines, BT.709 above (also at 2160 lines),
+/// limited range. Measured with `GST_DEBUG=video-converter:6` (its YUV matrix: 1.596027 for V→R at
+/// height 576, 1.792741 at 578 and 2160).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Colorimetry {
     pub matrix: ColorMatrix,
@@ -65,11 +67,9 @@ impl Colorimetry {
         range: ColorRange::Full,
     };
 
-    /// GStreamer's default for YUV caps without a `colorimetry` field, by frame height.
+    /// GStreamer's default for 8-bit YUV caps without a `colorimetry` field, by frame height.
     pub fn gstreamer_default(height: u32) -> Colorimetry {
-        if height >= 2160 {
-            Self::BT2020
-        } else if height > 576 {
+        if height > 576 {
             Self::BT709
         } else {
             Self::BT601
@@ -212,6 +212,7 @@ mod tests {
         assert_eq!(Colorimetry::gstreamer_default(480), Colorimetry::BT601);
         assert_eq!(Colorimetry::gstreamer_default(576), Colorimetry::BT601);
         assert_eq!(Colorimetry::gstreamer_default(720), Colorimetry::BT709);
-        assert_eq!(Colorimetry::gstreamer_default(2160), Colorimetry::BT2020);
+        assert_eq!(Colorimetry::gstreamer_default(578), Colorimetry::BT709);
+        assert_eq!(Colorimetry::gstreamer_default(2160), Colorimetry::BT709);
     }
 }
