@@ -382,3 +382,69 @@ fn two_rates_superseded_drops_and_prompt_change() -> Result<()> {
     );
     Ok(())
 }
+
+/// A finite file (NV12 frames this time) through the embedded broker on a custom port and the
+/// JSON-lines sink: the process exits by itself with status 0 once the file has ended and the
+/// last batch is out.
+#[test]
+fn file_source_runs_to_its_end_then_the_process_exits() -> Result<()> {
+    let dir = TempDir::new("file")?;
+    let (broker_port, http_port) = (free_port()?, free_port()?);
+    let clip = rexstream_e2e::workspace_root().join("pipelines/media/demo.mp4");
+    let out = dir.path().join("out.jsonl");
+    let config = dir.path().join("file.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\nmax_batch = 1\nmax_new_tokens = 8\n[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{http_port}\"\n[jsonl]\npath = \"{}\"\n\
+             [[streams]]\nname = \"clip\"\nuri = \"{}\"\nformat = \"nv12\"\nmax_fps = 100\ncategories = [\"cat\"]\n",
+            out.display(),
+            clip.display()
+        ),
+    )?;
+    let t0 = Instant::now();
+    let mut rex = Rexstream::run(&config, &tiny_model()?, Some(http_port))?;
+    let code = rex.proc.wait_exit(Duration::from_secs(180))?;
+    assert_eq!(code, Some(0), "log:\n{}", rex.log());
+    let text = std::fs::read_to_string(&out)?;
+    let docs: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let s = seqs(&docs);
+    println!(
+        "file: {} documents (seq {:?}..{:?} of 64 frames), process exited after {:.1} s",
+        docs.len(),
+        s.first(),
+        s.last(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        docs.len() >= 5,
+        "only {} documents; log:\n{}",
+        docs.len(),
+        rex.log()
+    );
+    assert!(
+        s.windows(2).all(|w| w[0] < w[1]) && s.iter().all(|&q| q < 64),
+        "{s:?}"
+    );
+    let schema = mqtt_schema_validator::load_schema();
+    for d in &docs {
+        assert!(
+            mqtt_schema_validator::validate(&schema, d).is_empty(),
+            "{d}"
+        );
+        assert_eq!(
+            (d["frame"]["width"].as_u64(), d["frame"]["height"].as_u64()),
+            (Some(480), Some(360))
+        );
+    }
+    assert!(
+        rex.log().contains("Every stream has ended"),
+        "log:\n{}",
+        rex.log()
+    );
+    Ok(())
+}
