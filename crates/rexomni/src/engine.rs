@@ -126,6 +126,16 @@ impl RexOmni {
     ) -> Result<Vec<GenerateOutput>, ModelError> {
         generate(&self.model, requests, params)
     }
+
+    /// As [`RexOmni::generate`] with a token budget per request (see [`generate_with_budgets`]).
+    pub fn generate_with_budgets(
+        &self,
+        requests: &[GenerateRequest],
+        params: &GenerateParams,
+        budgets: &[usize],
+    ) -> Result<Vec<GenerateOutput>, ModelError> {
+        generate_with_budgets(&self.model, requests, params, budgets)
+    }
 }
 
 /// Per-row decoding state.
@@ -136,6 +146,8 @@ struct Row {
     base: i64,
     /// Left padding slots in the shared cache.
     pad: usize,
+    /// Most tokens this row may generate.
+    budget: usize,
     done: bool,
 }
 
@@ -145,6 +157,34 @@ pub fn generate(
     requests: &[GenerateRequest],
     params: &GenerateParams,
 ) -> Result<Vec<GenerateOutput>, ModelError> {
+    generate_with_budgets(
+        model,
+        requests,
+        params,
+        &vec![params.max_new_tokens; requests.len()],
+    )
+}
+
+/// As [`generate`], with a token budget per request (`params.max_new_tokens` is ignored): rows that run out
+/// or stop early leave the decode batch while the others go on.
+pub fn generate_with_budgets(
+    model: &Qwen25Vl,
+    requests: &[GenerateRequest],
+    params: &GenerateParams,
+    budgets: &[usize],
+) -> Result<Vec<GenerateOutput>, ModelError> {
+    if budgets.len() != requests.len() {
+        return Err(ModelError::Request {
+            index: 0,
+            msg: format!("{} budgets for {} requests", budgets.len(), requests.len()),
+        });
+    }
+    if let Some(index) = requests.iter().position(|r| r.prompt_ids.is_empty()) {
+        return Err(ModelError::Request {
+            index,
+            msg: "empty prompt".into(),
+        });
+    }
     let dev = model.device().clone();
     let mut rows = Vec::with_capacity(requests.len());
     let mut caches = Vec::with_capacity(requests.len());
@@ -182,17 +222,20 @@ pub fn generate(
             },
             base: l as i64 + p.rope_delta,
             pad: 0,
-            done: params.max_new_tokens == 0,
+            budget: budgets[index],
+            done: budgets[index] == 0,
         });
     }
-    if requests.is_empty() || params.max_new_tokens == 0 {
+    if rows.iter().all(|r| r.done) {
         return Ok(rows.into_iter().map(|r| r.out).collect());
     }
 
     // Step 0 from the prefill logits.
     let t_dec = Instant::now();
     for (row, logits) in rows.iter_mut().zip(&first_logits) {
-        pick(row, &logits.to_vec1::<f32>()?, params);
+        if !row.done {
+            pick(row, &logits.to_vec1::<f32>()?, params);
+        }
     }
     let mut cache = left_pad_and_stack(&caches, &mut rows, &dev, model.dtype())?;
     drop(caches);
@@ -319,7 +362,7 @@ fn pick(row: &mut Row, logits: &[f32], params: &GenerateParams) -> u32 {
     if STOP_IDS.contains(&id) {
         row.out.stopped_on_eos = true;
         row.done = true;
-    } else if row.out.token_ids.len() >= params.max_new_tokens {
+    } else if row.out.token_ids.len() >= row.budget {
         row.done = true;
     }
     id
@@ -381,6 +424,7 @@ mod tests {
             },
             base: 0,
             pad: 0,
+            budget: 2,
             done: false,
         }
     }

@@ -109,6 +109,19 @@ fn greedy_ids_match_transformers_and_batch_matches_singles() {
             .unwrap();
         assert_eq!(out[0].token_ids, singles[0].token_ids[..3]);
         assert_eq!(out[1].token_ids, singles[1].token_ids[..3]);
+        // Rows leaving the batch at different steps (budgets 3, 24, 0, 10): the others are not disturbed.
+        let reqs: Vec<GenerateRequest> = cases.iter().map(request).collect();
+        let budgets = [3usize, 24, 0, 10];
+        let out = engine
+            .generate_with_budgets(&reqs, &params, &budgets)
+            .unwrap();
+        for (i, b) in budgets.iter().enumerate() {
+            assert_eq!(
+                out[i].token_ids,
+                singles[i].token_ids[..*b],
+                "{name}: budget {b} row {i}"
+            );
+        }
     }
 }
 
