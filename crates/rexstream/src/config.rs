@@ -198,11 +198,23 @@ impl PipelineConfig {
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| {
             let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+            let mut message = e.message().trim().to_string();
+            // serde's type errors ("invalid type: string \"fast\", expected f64", "invalid socket
+            // address syntax") name neither the field nor the value; quoting the offending line
+            // does both (found by tests/e2e/reliability_bad_input.rs, issue 6). A password
+            // written inline in a uri on that line is redacted like everywhere else.
+            if let Some(src) = text.lines().nth(line.wrapping_sub(1)).map(str::trim) {
+                if !src.is_empty() {
+                    let src: String = src.chars().take(120).collect();
+                    let shown = crate::ingest::config::SecretUri::new(src, &[]).to_string();
+                    message = format!("{message} (in `{shown}`)");
+                }
+            }
             ConfigError::Parse {
                 file: file.to_string(),
                 line,
                 col,
-                message: e.message().trim().to_string(),
+                message,
             }
         })
     }

@@ -41,6 +41,23 @@ fn config() -> Config {
     }
 }
 
+/// Count one generated input of property `name` and print the total when its budget is spent,
+/// so a run reports how many inputs it really checked.
+fn count(name: &str) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static COUNTS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+    let mut g = COUNTS.lock().unwrap_or_else(|e| e.into_inner());
+    let n = g
+        .get_or_insert_with(HashMap::new)
+        .entry(name.to_string())
+        .or_insert(0);
+    *n += 1;
+    if *n == u64::from(config().cases) {
+        println!("{name}: {n} inputs without a panic");
+    }
+}
+
 fn env(var: &str) -> Option<String> {
     (var.ends_with("_PW") || var.ends_with("PASSWORD")).then(|| SECRET.to_string())
 }
@@ -308,18 +325,21 @@ proptest! {
     /// Any Unicode text at all.
     #[test]
     fn arbitrary_text_never_panics(text in any::<String>()) {
+        count("arbitrary_text_never_panics");
         check(&text);
     }
 
     /// Arbitrary bytes, decoded lossily (what a corrupt file read as UTF-8 would look like).
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        count("arbitrary_bytes_never_panic");
         check(&String::from_utf8_lossy(&bytes));
     }
 
     /// Documents made of the real headers and keys with hostile values, in any order.
     #[test]
     fn toml_ish_documents_never_panic(lines in prop::collection::vec(toml_line(), 0..24)) {
+        count("toml_ish_documents_never_panic");
         check(&lines.join("\n"));
     }
 
@@ -327,6 +347,7 @@ proptest! {
     /// semantic reason the message names the field.
     #[test]
     fn one_wrong_field_is_named(slot in 0usize..15, value in hostile_value()) {
+        count("one_wrong_field_is_named");
         let mut lines = valid_lines();
         let (section, key, _) = lines[slot].clone();
         lines[slot].2 = value.clone();
@@ -344,6 +365,7 @@ proptest! {
     #[test]
     fn stream_durations_never_panic(field in prop::sample::select(POSITIVE_STREAM_FIELDS),
                                     v in prop_oneof![any::<f64>(), 0.0f64..1e-280, 1e15f64..1e308]) {
+        count("stream_durations_never_panic");
         let mut lines = valid_lines();
         lines.retain(|(_, k, _)| *k != field);
         if field == "reconnect_max_s" || field == "reconnect_min_s" {

@@ -29,6 +29,23 @@ fn config() -> Config {
     }
 }
 
+/// Count one generated input of property `name` and print the total when its budget is spent,
+/// so a run reports how many inputs it really checked.
+fn count(name: &str) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static COUNTS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+    let mut g = COUNTS.lock().unwrap_or_else(|e| e.into_inner());
+    let n = g
+        .get_or_insert_with(HashMap::new)
+        .entry(name.to_string())
+        .or_insert(0);
+    *n += 1;
+    if *n == u64::from(config().cases) {
+        println!("{name}: {n} inputs without a panic");
+    }
+}
+
 /// Parse `payload`; an accepted prompt must validate, a rejection must name the stream.
 fn check(payload: &[u8]) -> bool {
     match parse_prompt_set(STREAM, payload) {
@@ -203,12 +220,14 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        count("arbitrary_bytes_never_panic");
         check(&bytes);
     }
 
     /// Bytes around the size cap: the cap is checked before parsing, so cost stays bounded.
     #[test]
     fn payloads_around_the_cap_never_panic(extra in 0usize..64, fill in any::<u8>()) {
+        count("payloads_around_the_cap_never_panic");
         let n = MAX_PROMPT_SET_BYTES - 32 + extra;
         let mut p = br#"{"task":"detection","categories":[""#.to_vec();
         p.resize(n.saturating_sub(3), fill.clamp(b'a', b'z'));
@@ -219,11 +238,13 @@ proptest! {
 
     #[test]
     fn arbitrary_json_never_panics(v in json_value()) {
+        count("arbitrary_json_never_panics");
         check(v.to_string().as_bytes());
     }
 
     #[test]
     fn prompt_shaped_json_never_panics(v in prompt_like()) {
+        count("prompt_shaped_json_never_panics");
         check(v.to_string().as_bytes());
     }
 
@@ -231,6 +252,7 @@ proptest! {
     #[test]
     fn mangled_prompts_never_panic(v in prompt_like(), cut in any::<prop::sample::Index>(),
                                    flip in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        count("mangled_prompts_never_panic");
         let s = v.to_string().into_bytes();
         check(&s[..cut.index(s.len() + 1)]);
         let mut f = s.clone();

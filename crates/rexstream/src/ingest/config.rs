@@ -328,7 +328,7 @@ impl StreamConfig {
                 // so a huge value must be rejected here, not crash the process below.
                 errs.push(
                     at(field),
-                    format!("{v} is more than {MAX_SECONDS} (one year)"),
+                    format!("{v:?} is more than {MAX_SECONDS} (one year)"),
                 );
             }
         };

@@ -1,0 +1,235 @@
+//! Camera faults, for real (issue 6 item 2): two `rtsp-serve` cameras feed the `rexstream` binary
+//! (tiny fixture checkpoint); one camera process is SIGKILLed and restarted on the same port, then
+//! SIGSTOPped (a hung camera: TCP stays open, nothing arrives).
+//!
+//! Asserted and printed:
+//! - `rexstream_stream_up{stream="flaky"}` goes 1 → 0 after the kill and 0 → 1 after the restart;
+//! - frames resume (`rexstream_frames_received_total` grows) within [`RESUME_BOUND`] of the
+//!   server's return (its port accepting again). The bound holds because the back-off is capped at
+//!   `reconnect_max_s = 1` (≤ 1.25 s with jitter) and the camera sends a keyframe every second;
+//! - the healthy stream keeps its processed rate during the outage (≥ 80 % of the rate before);
+//! - a SIGSTOPped camera is detected by the no-frame watchdog
+//!   (`rexstream_reconnects_total{reason="timeout"}` +1) within `no_frame_timeout_s` (+ 1 s for
+//!   the watchdog's 100 ms poll and this test's metric polling on a loaded CI box), and after
+//!   SIGCONT frames come back.
+//!
+//! Run: `cargo test -p rexstream-e2e --test reliability_camera -- --nocapture`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use rexstream_e2e::faults::{metric, tail, wait_metric};
+use rexstream_e2e::{free_port, tiny_model, Rexstream, RtspServer, RtspSource, TempDir};
+
+/// Issue 6: frames resume within 3 s of the server's return.
+const RESUME_BOUND: Duration = Duration::from_secs(3);
+/// The flaky stream's watchdog (seconds without a frame → reconnect).
+const NO_FRAME_TIMEOUT_S: f64 = 2.0;
+/// How long the killed camera stays away ("a few seconds").
+const OUTAGE: Duration = Duration::from_secs(5);
+/// Detector rate per stream: low enough that the tiny CPU model serves both streams, so the
+/// healthy stream's rate is set by `max_fps`, not by what the other stream leaves over.
+const MAX_FPS: f64 = 2.0;
+
+fn config(
+    dir: &std::path::Path,
+    http: u16,
+    broker: u16,
+    flaky: &str,
+    steady: &str,
+) -> Result<std::path::PathBuf> {
+    let stream = |name: &str, url: &str| {
+        format!(
+            "[[streams]]\nname = \"{name}\"\nuri = \"{url}\"\nsource = \"rtspsrc\"\ntransport = \"tcp\"\n\
+             latency_ms = 0\nmax_fps = {MAX_FPS}\nno_frame_timeout_s = {NO_FRAME_TIMEOUT_S}\n\
+             reconnect_min_s = 0.25\nreconnect_max_s = 1.0\ncategories = [\"ball\"]\n\n"
+        )
+    };
+    let text = format!(
+        "[model]\nmax_batch = 2\nmax_new_tokens = 16\n\n[broker]\nlisten = \"127.0.0.1:{broker}\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{http}\"\n\n{}{}",
+        stream("flaky", flaky),
+        stream("steady", steady)
+    );
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn processed(rex: &Rexstream, stream: &str) -> Result<f64> {
+    metric(
+        rex,
+        "rexstream_frames_processed_total",
+        &[("stream", stream)],
+    )
+}
+
+/// Processed frames per second of `stream` over `window`.
+fn rate(rex: &Rexstream, stream: &str, window: Duration) -> Result<f64> {
+    let (a, t) = (processed(rex, stream)?, Instant::now());
+    std::thread::sleep(window);
+    Ok((processed(rex, stream)? - a) / t.elapsed().as_secs_f64())
+}
+
+#[test]
+fn camera_killed_restarted_and_hung() -> Result<()> {
+    let dir = TempDir::new("rel-camera")?;
+    let src = RtspSource {
+        fps: 15,
+        ..Default::default()
+    };
+    let mut flaky = RtspServer::start(src.clone())?;
+    let steady = RtspServer::start(RtspSource {
+        pattern: "smpte".into(),
+        ..src
+    })?;
+    let http = free_port()?;
+    let cfg = config(dir.path(), http, free_port()?, &flaky.url(), &steady.url())?;
+    let mut rex = Rexstream::run(&cfg, &tiny_model()?, Some(http))?;
+    rex.wait_healthy(Duration::from_secs(180))?;
+    fn up(s: &str) -> [(&str, &str); 1] {
+        [("stream", s)]
+    }
+    for s in ["flaky", "steady"] {
+        wait_metric(
+            &rex,
+            "rexstream_stream_up",
+            &up(s),
+            Duration::from_secs(60),
+            |v| v == 1.0,
+        )?;
+        wait_metric(
+            &rex,
+            "rexstream_frames_processed_total",
+            &up(s),
+            Duration::from_secs(60),
+            |v| v > 0.0,
+        )?;
+    }
+
+    // Healthy stream's rate with both cameras up.
+    let before = rate(&rex, "steady", Duration::from_secs(8))?;
+
+    // --- Outage: SIGKILL the camera, keep it away, bring it back on the same port.
+    let killed = Instant::now();
+    flaky.kill();
+    let (_, down_at) = wait_metric(
+        &rex,
+        "rexstream_stream_up",
+        &up("flaky"),
+        Duration::from_secs(30),
+        |v| v == 0.0,
+    )?;
+    let detect_kill = down_at - killed;
+    let during_start = (processed(&rex, "steady")?, Instant::now());
+    std::thread::sleep(OUTAGE.saturating_sub(killed.elapsed()));
+    let during =
+        (processed(&rex, "steady")? - during_start.0) / during_start.1.elapsed().as_secs_f64();
+    let received_before = metric(&rex, "rexstream_frames_received_total", &up("flaky"))?;
+    flaky.restart()?; // returns once the port accepts again: the server is back
+    let back = Instant::now();
+    let outage = back - killed;
+    let (_, resumed_at) = wait_metric(
+        &rex,
+        "rexstream_frames_received_total",
+        &up("flaky"),
+        Duration::from_secs(30),
+        |v| v > received_before,
+    )?;
+    let resume = resumed_at - back;
+    let (_, up_at) = wait_metric(
+        &rex,
+        "rexstream_stream_up",
+        &up("flaky"),
+        Duration::from_secs(30),
+        |v| v == 1.0,
+    )?;
+    let reconnects = metric(&rex, "rexstream_reconnects_total", &up("flaky"))?;
+    println!(
+        "camera outage: server down {:.1} s, stream_up 1→0 after {:.2} s, server back → first frame {:.2} s \
+         (bound {:.0} s), stream_up 0→1 after {:.2} s; reconnect attempts {reconnects}; healthy stream \
+         processed {before:.2} fps before, {during:.2} fps during the outage",
+        outage.as_secs_f64(),
+        detect_kill.as_secs_f64(),
+        resume.as_secs_f64(),
+        RESUME_BOUND.as_secs_f64(),
+        (up_at - back).as_secs_f64(),
+    );
+    assert!(
+        resume <= RESUME_BOUND,
+        "frames resumed {:.2} s after the server returned (bound {RESUME_BOUND:?}); log:\n{}",
+        resume.as_secs_f64(),
+        tail(&rex.log(), 40)
+    );
+    assert!(
+        before > 0.0,
+        "healthy stream processed nothing before the outage"
+    );
+    assert!(
+        during >= 0.8 * before,
+        "healthy stream slowed from {before:.2} to {during:.2} fps during the other camera's outage"
+    );
+
+    // --- Hung camera: SIGSTOP. TCP stays open and silent; only the watchdog can notice.
+    wait_metric(
+        &rex,
+        "rexstream_frames_processed_total",
+        &up("flaky"),
+        Duration::from_secs(30),
+        {
+            let p = processed(&rex, "flaky")?;
+            move |v| v > p
+        },
+    )?;
+    let timeouts = metric(
+        &rex,
+        "rexstream_reconnects_total",
+        &[("stream", "flaky"), ("reason", "timeout")],
+    )?;
+    let stopped = Instant::now();
+    flaky.proc.signal("STOP")?;
+    let (_, detected_at) = wait_metric(
+        &rex,
+        "rexstream_reconnects_total",
+        &[("stream", "flaky"), ("reason", "timeout")],
+        Duration::from_secs(30),
+        |v| v > timeouts,
+    )?;
+    let detect = detected_at - stopped;
+    let up_now = metric(&rex, "rexstream_stream_up", &up("flaky"))?;
+    let steady_during_hang = rate(&rex, "steady", Duration::from_secs(3))?;
+    flaky.proc.signal("CONT")?;
+    let continued = Instant::now();
+    let received = metric(&rex, "rexstream_frames_received_total", &up("flaky"))?;
+    let (_, back_at) = wait_metric(
+        &rex,
+        "rexstream_frames_received_total",
+        &up("flaky"),
+        Duration::from_secs(30),
+        |v| v > received,
+    )?;
+    println!(
+        "hung camera (SIGSTOP): watchdog fired after {:.2} s (no_frame_timeout_s = {NO_FRAME_TIMEOUT_S}), \
+         stream_up then {up_now}; healthy stream {steady_during_hang:.2} fps while hung; frames back \
+         {:.2} s after SIGCONT",
+        detect.as_secs_f64(),
+        (back_at - continued).as_secs_f64()
+    );
+    assert!(
+        detect.as_secs_f64() <= NO_FRAME_TIMEOUT_S + 1.0,
+        "watchdog took {:.2} s for a {NO_FRAME_TIMEOUT_S} s timeout",
+        detect.as_secs_f64()
+    );
+    assert!(
+        detect.as_secs_f64() >= NO_FRAME_TIMEOUT_S - 0.5,
+        "disconnect seen after {:.2} s, before the watchdog could fire: not the watchdog",
+        detect.as_secs_f64()
+    );
+    assert_eq!(up_now, 0.0, "stream_up still 1 after the watchdog fired");
+    assert!(
+        rex.proc.running(),
+        "rexstream exited; log:\n{}",
+        tail(&rex.log(), 40)
+    );
+    Ok(())
+}
