@@ -20,7 +20,10 @@ use rexstream_e2e::{http_get, Prometheus};
 /// Metric family names exported by a fresh registry with one stream.
 fn exported_families() -> BTreeSet<String> {
     let m = Metrics::new();
-    m.stream("cam1");
+    // Label-less families appear at once; `rexstream_detections_total` gets its first series
+    // with the first detection, so count one.
+    m.stream("cam1")
+        .detections(&["person".to_string()], ["person"]);
     m.encode()
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

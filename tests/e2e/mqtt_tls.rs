@@ -148,6 +148,11 @@ async fn tls_client_cert_and_password_from_env() -> Result<()> {
             &password,
         ],
     )?;
+    // mosquitto started as root drops to the `mosquitto` user before reading its key and password
+    // files: make these throw-away test files readable to it.
+    for f in ["server.key", "passwd"] {
+        run(&d, &["chmod", "0644", f])?;
+    }
     let port = free_port()?;
     std::fs::write(
         d.join("mosquitto.conf"),
