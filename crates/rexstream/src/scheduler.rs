@@ -164,6 +164,9 @@ impl Scheduler {
                 self.wakeup.wait(seen, wait.unwrap_or(POLL).min(POLL));
             }
         }
+        for s in &self.streams {
+            s.slot.discard_on_shutdown();
+        }
         debug!(message = "Scheduler stopped.");
     }
 }

@@ -85,6 +85,13 @@ impl LatestFrameSlot {
         self.frame.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
+    /// Empty the slot at shutdown, counting a waiting frame as dropped with `reason="shutdown"`.
+    pub fn discard_on_shutdown(&self) {
+        if self.take().is_some() {
+            self.metrics.dropped(DropReason::Shutdown, 1);
+        }
+    }
+
     /// Whether a frame is waiting.
     pub fn is_full(&self) -> bool {
         self.frame

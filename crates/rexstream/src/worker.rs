@@ -240,7 +240,7 @@ impl Worker {
                 self.engine.tokenizer(),
                 &out.token_ids,
                 Some(&out.logprobs),
-                p.prompt.task.clone(),
+                p.prompt.task,
                 w,
                 h,
             );
@@ -255,7 +255,7 @@ impl Worker {
                 stream: p.frame.stream.to_string(),
                 seq: p.frame.seq,
                 frame: FrameInfo::new(p.frame.pts_ns, p.frame.captured_at, w, h),
-                task: p.prompt.task.clone(),
+                task: p.prompt.task,
                 prompt: (*p.prompt).clone(),
                 model: model_id.clone(),
                 detections: parsed.detections,

@@ -431,7 +431,7 @@ impl StreamConfig {
         }
 
         let prompt = TaskPrompt {
-            task: self.task.clone(),
+            task: self.task,
             categories: self.categories.clone(),
             keypoint_type: self.keypoint_type.clone(),
             boxes: self.boxes.clone(),
