@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod cpu_bf16;
 pub mod loading;
 pub mod rope;
 pub mod text;

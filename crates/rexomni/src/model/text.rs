@@ -11,6 +11,7 @@ use candle_nn::{linear_b, linear_no_bias, Embedding, Linear, RmsNorm, VarBuilder
 
 use super::attention::{attend, MAX_SCORE_ELEMS};
 use super::config::TextConfig;
+use super::cpu_bf16::linear_forward;
 
 /// Keys and values per layer, `[B, kv_heads, T, head_dim]`, grown by concatenation. Plain data: rows can be
 /// dropped (`select_rows`) when a sequence of the batch finishes.
@@ -102,9 +103,9 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(self.q.forward(x)?, self.heads)?;
-        let k = split(self.k.forward(x)?, self.kv_heads)?;
-        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let q = split(linear_forward(&self.q, x)?, self.heads)?;
+        let k = split(linear_forward(&self.k, x)?, self.kv_heads)?;
+        let v = split(linear_forward(&self.v, x)?, self.kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match cache.take() {
@@ -116,10 +117,10 @@ impl Attention {
         let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
         let o = attend(&q, &k, &v, MAX_SCORE_ELEMS, mask)?;
-        self.o.forward(
-            &o.transpose(1, 2)?
-                .reshape((b, l, self.heads * self.head_dim))?,
-        )
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, l, self.heads * self.head_dim))?;
+        linear_forward(&self.o, &o)
     }
 }
 
@@ -180,19 +181,15 @@ impl TextModel {
                     .attn
                     .forward(&layer.input_norm.forward(&x)?, cos, sin, mask, c)?)?;
             let n = layer.post_norm.forward(&h)?;
-            x = (&h
-                + layer
-                    .down
-                    .forward(&(layer.gate.forward(&n)?.silu()? * layer.up.forward(&n)?)?)?)?;
+            let act = (linear_forward(&layer.gate, &n)?.silu()? * linear_forward(&layer.up, &n)?)?;
+            x = (&h + linear_forward(&layer.down, &act)?)?;
         }
         Ok(x)
     }
 
     /// Final norm + lm_head, f32 logits (spec §5.5: logits are f32 at the last position).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head
-            .forward(&self.norm.forward(hidden)?)?
-            .to_dtype(DType::F32)
+        linear_forward(&self.lm_head, &self.norm.forward(hidden)?)?.to_dtype(DType::F32)
     }
 }
 

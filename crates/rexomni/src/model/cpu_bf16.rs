@@ -1,0 +1,157 @@
+//! bf16 `x · Wᵀ` on the CPU for the few-row case (decode steps: one row per sequence of the batch).
+//!
+//! Why: candle 0.11.1 has no CPU bf16 GEMM; its `matmul` widens BOTH operands to f32 on every call
+//! (cpu_backend/mod.rs, "no bf16 gemm kernel yet"). For a prefill that cost is amortised over hundreds of rows,
+//! but a decode step would re-widen every weight of the model per token: 6 GB of conversion for the 3B model,
+//! several times slower than reading the weights once. Here each weight row is widened in registers while it
+//! streams past, so a decode step reads the bf16 weights once — the memory-bandwidth bound.
+//!
+//! In: `x` `[m, k]` bf16 (m ≤ [`MAX_ROWS`]), `w` `[n, k]` bf16 (a `Linear` weight), both contiguous.
+//! Out: `[m, n]` bf16, accumulated in f32. Runs on the rayon pool candle already uses for CPU ops.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::Linear;
+use half::bf16;
+use rayon::prelude::*;
+
+/// Above this many rows the widening cost is amortised and candle's GEMM is faster.
+pub const MAX_ROWS: usize = 64;
+
+/// Weight rows per rayon task: big enough to amortise scheduling, small enough to balance 2..64 cores.
+const ROWS_PER_TASK: usize = 64;
+
+/// `Linear::forward`, with the bf16 few-row case routed to [`Bf16RowsTimesWeightT`].
+pub fn linear_forward(linear: &Linear, x: &Tensor) -> Result<Tensor> {
+    let w = linear.weight();
+    let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+    if !(x.device().is_cpu()
+        && x.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && rows <= MAX_ROWS)
+    {
+        return linear.forward(x);
+    }
+    let mut out_dims = x.dims().to_vec();
+    let k = *out_dims.last().expect("x has a last dimension");
+    let n = w.dim(0)?;
+    *out_dims.last_mut().expect("x has a last dimension") = n;
+    let x2 = x.reshape((rows, k))?.contiguous()?;
+    let y = x2.apply_op2_no_bwd(&w.contiguous()?, &Bf16RowsTimesWeightT)?;
+    let y = match linear.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    y.reshape(out_dims)
+}
+
+/// The custom op behind [`linear_forward`].
+pub struct Bf16RowsTimesWeightT;
+
+impl CustomOp2 for Bf16RowsTimesWeightT {
+    fn name(&self) -> &'static str {
+        "bf16-rows-times-weight-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::BF16(x), CpuStorage::BF16(w)) = (s1, s2) else {
+            candle_core::bail!("{}: both operands must be bf16", self.name())
+        };
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("{}: x is [{m}, {k}] but w is [{n}, {k2}]", self.name())
+        }
+        let (Some((xa, xb)), Some((wa, wb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("{}: operands must be contiguous", self.name())
+        };
+        let out = rows_times_weight_t(&x[xa..xb], &w[wa..wb], m, k, n);
+        Ok((CpuStorage::BF16(out), Shape::from((m, n))))
+    }
+}
+
+fn widen(v: bf16) -> f32 {
+    f32::from_bits((v.to_bits() as u32) << 16)
+}
+
+/// `x [m,k] · w [n,k]ᵀ` → `[m,n]`. Each weight row is read once and dotted with every (f32-widened) x row.
+fn rows_times_weight_t(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
+    let xf: Vec<f32> = x.iter().map(|&v| widen(v)).collect();
+    // Column-major result chunks (one per task: ROWS_PER_TASK weight rows × m), transposed at the end.
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let j0 = task * ROWS_PER_TASK;
+            let mut wrow = vec![0f32; k];
+            for (jj, outs) in chunk.chunks_mut(m).enumerate() {
+                let row = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
+                for (d, &s) in wrow.iter_mut().zip(row) {
+                    *d = widen(s);
+                }
+                for (i, o) in outs.iter_mut().enumerate() {
+                    *o = dot(&xf[i * k..(i + 1) * k], &wrow);
+                }
+            }
+        });
+    let mut out = vec![bf16::ZERO; m * n];
+    for j in 0..n {
+        for i in 0..m {
+            out[i * n + j] = bf16::from_f32(out_t[j * m + i]);
+        }
+    }
+    out
+}
+
+/// Dot product with 16 independent accumulators, so the compiler can keep them in vector registers (a single
+/// running sum would serialise every add).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (ac, at) = a.split_at(a.len() / LANES * LANES);
+    let (bc, bt) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = at.iter().zip(bt).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Same result as candle's widen-multiply-narrow path, for shapes with tails (k not a multiple of 16,
+    /// n not a multiple of the task size) and with a bias.
+    #[test]
+    fn matches_candle_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(1, 37, 5), (3, 128, 130), (8, 1000, 257)] {
+            let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?.to_dtype(DType::BF16)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::BF16)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?.to_dtype(DType::BF16)?;
+            let lin = Linear::new(w, Some(b));
+            let ours = linear_forward(&lin, &x)?.to_dtype(DType::F32)?;
+            let theirs = lin.forward(&x)?.to_dtype(DType::F32)?;
+            assert_eq!(ours.dims(), theirs.dims());
+            let diff = (ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = theirs.abs()?.max_all()?.to_scalar::<f32>()?;
+            // Both accumulate in f32 and round once to bf16: at most one bf16 ulp apart (2^-8 relative).
+            assert!(
+                diff <= scale * 2f32.powi(-7),
+                "m={m} k={k} n={n}: diff {diff} vs scale {scale}"
+            );
+        }
+        Ok(())
+    }
+}
