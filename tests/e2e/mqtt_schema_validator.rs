@@ -69,11 +69,10 @@ fn check(root: &Value, schema: &Value, v: &Value, path: &str, errs: &mut Vec<Str
         }
     }
     if let Some(r) = s.get("$ref").and_then(Value::as_str) {
-        let target = r.strip_prefix("#/").map(|p| {
-            p.split('/')
-                .fold(Some(root), |acc, seg| acc.and_then(|a| a.get(seg)))
-        });
-        match target.flatten() {
+        let target = r
+            .strip_prefix("#/")
+            .and_then(|p| p.split('/').try_fold(root, |acc, seg| acc.get(seg)));
+        match target {
             Some(t) => check(root, t, v, path, errs),
             None => errs.push(format!("{path}: unresolvable $ref {r}")),
         }

@@ -105,7 +105,8 @@ fn schema_accepts_real_documents_and_rejects_broken_ones() {
     let v = serde_json::to_value(document("cam1", 1)).expect("json");
     assert!(mqtt_schema_validator::validate(&schema, &v).is_empty());
 
-    let broken: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let broken: Vec<(&str, Mutation)> = vec![
         (
             "missing seq",
             Box::new(|v: &mut Value| {

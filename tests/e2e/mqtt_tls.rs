@@ -6,7 +6,7 @@
 //! Run: `cargo test -p rexstream-e2e --test mqtt_tls -- --nocapture`.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -306,6 +306,6 @@ async fn tls_client_cert_and_password_from_env() -> Result<()> {
     Ok(())
 }
 
-fn path(d: &PathBuf, f: &str) -> String {
+fn path(d: &Path, f: &str) -> String {
     d.join(f).display().to_string()
 }

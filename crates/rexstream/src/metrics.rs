@@ -234,6 +234,13 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     c
 }
 
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    register(r, name, Box::new(g.clone()));
+    g
+}
+
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     register(r, name, Box::new(g.clone()));
@@ -339,15 +346,12 @@ impl Metrics {
                 "Frames not processed, by reason (superseded, invalid, detector_error, shutdown).",
                 &["stream", "reason"],
             ),
-            stream_up: IntGaugeVec::new(
-                Opts::new("rexstream_stream_up", "1 while the stream's source delivers frames, else 0."),
+            stream_up: gauge_vec(
+                &r,
+                "rexstream_stream_up",
+                "1 while the stream's source delivers frames, else 0.",
                 &["stream"],
-            )
-            .map(|g| {
-                register(&r, "rexstream_stream_up", Box::new(g.clone()));
-                g
-            })
-            .unwrap_or_else(|e| panic!("metric rexstream_stream_up: {e}")),
+            ),
             reconnects: counter_vec(
                 &r,
                 "rexstream_reconnects_total",
