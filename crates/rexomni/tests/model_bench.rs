@@ -2,7 +2,8 @@
 //!
 //! - `bench_3b_random_weights`: the REAL Qwen2.5-VL-3B shapes (spec §2.1, §3.1) with random weights, one
 //!   640×480 image (grid 1×34×46, 391 image tokens), a detection prompt, `BENCH_TOKENS` (default 16) greedy
-//!   steps; prints CPU time per stage. `BENCH_DTYPE=f32|bf16` (default bf16: 7.5 GB of weights).
+//!   steps; prints CPU time per stage. `BENCH_DTYPE=f32|bf16` (default bf16: 7.5 GB of weights);
+//!   `BENCH_TEXT_LAYERS=9` builds only 9 of the 36 decoder layers (f32 in ~7 GB of RAM).
 //!   `cargo test -p rexomni --test model_bench -- --ignored --nocapture bench_3b`
 //! - `bf16_agreement_tiny`: bf16 vs the float32 transformers references on the tiny checkpoints: vision
 //!   relative error, greedy-id agreement. `cargo test -p rexomni --test model_bench -- --ignored --nocapture bf16`
@@ -66,13 +67,16 @@ fn bench_3b_random_weights() {
     let dev = Device::Cpu;
     let t0 = Instant::now();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, dev.clone());
-    let model = Qwen25Vl::new(
-        Config::qwen25_vl_3b(),
-        vb.pp("visual"),
-        vb.pp("model"),
-        None,
-    )
-    .unwrap();
+    let mut cfg = Config::qwen25_vl_3b();
+    // BENCH_TEXT_LAYERS < 36 keeps f32 within a small machine's RAM; prefill/decode then scale ~linearly.
+    if let Some(n) = std::env::var("BENCH_TEXT_LAYERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        cfg.text.num_hidden_layers = n;
+    }
+    let layers = cfg.text.num_hidden_layers;
+    let model = Qwen25Vl::new(cfg, vb.pp("visual"), vb.pp("model"), None).unwrap();
     eprintln!(
         "3B random weights ({dtype:?}) built in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -100,7 +104,7 @@ fn bench_3b_random_weights() {
     let out = engine.generate(&[req], &params).unwrap().remove(0);
     let n = out.token_ids.len();
     eprintln!(
-        "3B {dtype:?} CPU 640x480: prompt {} tokens (391 image); vision {:.2} s, prefill {:.2} s, decode {} tokens {:.2} s ({:.0} ms/token)",
+        "3B ({layers}/36 text layers) {dtype:?} CPU 640x480: prompt {} tokens (391 image); vision {:.2} s, prefill {:.2} s, decode {} tokens {:.2} s ({:.0} ms/token)",
         ids.len(),
         out.timings.vision.as_secs_f64(),
         out.timings.prefill.as_secs_f64(),
