@@ -726,3 +726,70 @@ async fn outbox_overflow_is_counted_while_broker_is_down() -> Result<()> {
     assert!(!report.offline_published);
     Ok(())
 }
+
+/// With no `[mqtt]` section `rexstream run` serves the embedded rumqttd broker: the sink
+/// delivers to it, a plain client subscribes, and retained state (`available`, prompt state) is
+/// served to a subscriber that comes later. A taken port is a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_serves_documents_and_retained_state() -> Result<()> {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let broker = rexstream::sinks::mqtt::embedded::start(addr)?;
+    let taken = rexstream::sinks::mqtt::embedded::start(addr)
+        .expect_err("second broker on the same port")
+        .to_string();
+    assert!(taken.contains(&addr.to_string()), "{taken}");
+
+    let metrics = Arc::new(Metrics::new());
+    let prompts = Arc::new(PromptTable::new([(
+        "cam1".to_string(),
+        prompt(&["person"]),
+    )]));
+    let sink = MqttSink::start(
+        &MqttConfig::embedded(broker.addr),
+        BrokerMode::Embedded,
+        prompts,
+        metrics.clone(),
+    )?;
+    wait_until(
+        "sink connected to the embedded broker",
+        Duration::from_secs(10),
+        || sink.handle().connected().then_some(()),
+    )?;
+    let cam = metrics.stream("cam1");
+    // Retained messages first (this subscriber arrives after `online` and the prompt state).
+    let sub = Subscriber::start(addr.port(), &["rexstream/#"])?;
+    let retained = sub.collect_until(Duration::from_secs(10), |m| m.len() >= 2);
+    assert!(
+        retained
+            .iter()
+            .any(|m| m.topic == "rexstream/available" && m.payload == "online" && m.retained),
+        "{retained:?}"
+    );
+    assert!(
+        retained
+            .iter()
+            .any(|m| m.topic == "rexstream/cam1/prompt/state" && m.retained),
+        "{retained:?}"
+    );
+    for seq in 0..10 {
+        sink.handle()
+            .publish(&cam, "cam1", seq, document("cam1", seq).to_json()?);
+    }
+    let got = sub.collect_until(Duration::from_secs(10), |m| {
+        m.iter()
+            .filter(|m| m.topic == "rexstream/cam1/detections")
+            .count()
+            >= 10
+    });
+    let seqs: Vec<u64> = got
+        .iter()
+        .filter(|m| m.topic == "rexstream/cam1/detections")
+        .filter_map(|m| serde_json::from_str::<Value>(&m.payload).ok()?["seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, (0..10).collect::<Vec<_>>());
+    assert_eq!(metrics.health().mqtt.broker, BrokerMode::Embedded);
+    let report = sink.close(Duration::from_secs(3)).await;
+    assert_eq!(report.undelivered, 0);
+    assert!(report.offline_published);
+    Ok(())
+}
