@@ -793,3 +793,42 @@ async fn embedded_broker_serves_documents_and_retained_state() -> Result<()> {
     assert!(report.offline_published);
     Ok(())
 }
+
+/// QoS 0 (outbox entry done once written) and QoS 2 (done on PUBCOMP) also deliver everything in
+/// order and drain the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_and_qos2_deliver_in_order_and_drain() -> Result<()> {
+    let broker = Mosquitto::start()?;
+    for qos in [0u8, 2] {
+        let prefix = format!("q{qos}");
+        let sub = Subscriber::start(broker.port, &[&format!("{prefix}/cam1/detections")])?;
+        let mut cfg = config(broker.port, &prefix);
+        cfg.qos = qos;
+        let h = start_sink(&cfg)?;
+        wait_until("connected", Duration::from_secs(10), || {
+            h.sink.handle().connected().then_some(())
+        })?;
+        for seq in 0..20 {
+            h.sinks.publish(&h.cam, &document("cam1", seq));
+        }
+        let got = sub.collect_until(Duration::from_secs(10), |m| m.len() >= 20);
+        let seqs: Vec<u64> = got
+            .iter()
+            .filter_map(|m| serde_json::from_str::<Value>(&m.payload).ok()?["seq"].as_u64())
+            .collect();
+        assert_eq!(seqs, (0..20).collect::<Vec<_>>(), "qos {qos}");
+        wait_until("outbox drained", Duration::from_secs(5), || {
+            (h.sink.handle().outbox_len() == 0).then_some(())
+        })?;
+        let report = h.sink.close(Duration::from_secs(3)).await;
+        assert_eq!(
+            report,
+            rexstream::sinks::mqtt::CloseReport {
+                undelivered: 0,
+                offline_published: true
+            },
+            "qos {qos}"
+        );
+    }
+    Ok(())
+}
