@@ -107,7 +107,7 @@ fn rtsp_camera_to_mosquitto_and_prometheus() -> Result<()> {
 
     let want = 10;
     let t0 = Instant::now();
-    let msgs = sub.collect_until(Duration::from_secs(90), |m| {
+    let msgs = sub.collect_until(Duration::from_secs(180), |m| {
         m.iter()
             .filter(|m| m.topic.ends_with("/detections"))
             .count()
