@@ -7,7 +7,8 @@
 //! - frames resume (`rexstream_frames_received_total` grows) within [`RESUME_BOUND`] of the
 //!   server's return (its port accepting again). The bound holds because the back-off is capped at
 //!   `reconnect_max_s = 1` (≤ 1.25 s with jitter) and the camera sends a keyframe every second;
-//! - the healthy stream keeps its processed rate during the outage (≥ 80 % of the rate before);
+//! - the healthy stream keeps its processed rate during the outage (≥ [`KEEP_RATE`] of the rate
+//!   before, over 10 s windows: ±1 frame at 2 fps is ±5 %, and the box is shared);
 //! - a SIGSTOPped camera is detected by the no-frame watchdog
 //!   (`rexstream_reconnects_total{reason="timeout"}` +1) within `no_frame_timeout_s` (+ 1 s for
 //!   the watchdog's 100 ms poll and this test's metric polling on a loaded CI box), and after
@@ -23,13 +24,18 @@ use rexstream_e2e::{free_port, tiny_model, Rexstream, RtspServer, RtspSource, Te
 
 /// Issue 6: frames resume within 3 s of the server's return.
 const RESUME_BOUND: Duration = Duration::from_secs(3);
+/// Share of the healthy stream's rate that must survive the other camera's outage.
+const KEEP_RATE: f64 = 0.8;
 /// The flaky stream's watchdog (seconds without a frame → reconnect).
 const NO_FRAME_TIMEOUT_S: f64 = 2.0;
 /// How long the killed camera stays away ("a few seconds").
-const OUTAGE: Duration = Duration::from_secs(5);
-/// Detector rate per stream: low enough that the tiny CPU model serves both streams, so the
-/// healthy stream's rate is set by `max_fps`, not by what the other stream leaves over.
-const MAX_FPS: f64 = 2.0;
+/// Long enough that the healthy stream's rate over it is not dominated by ±1 frame.
+const OUTAGE: Duration = Duration::from_secs(10);
+/// Detector rate per stream: low enough that the tiny CPU model serves both streams with
+/// headroom (2 × 1.5 = 3 frames/s; it managed ~3.8 frames/s at 88 % busy on the shared 2-core box
+/// at load 10), so the healthy stream's rate is set by `max_fps`, not by how much CPU the box's
+/// other tenants leave the detector (at 2 fps the detector saturated and the rate wobbled ±25 %).
+const MAX_FPS: f64 = 1.5;
 
 fn config(
     dir: &std::path::Path,
@@ -64,11 +70,43 @@ fn processed(rex: &Rexstream, stream: &str) -> Result<f64> {
     )
 }
 
-/// Processed frames per second of `stream` over `window`.
+/// Counters that explain a rate change: frames received by `stream`, and the detector's busy time
+/// (sum of its stage latencies) and batch count.
+fn diag(rex: &Rexstream, stream: &str) -> Result<[f64; 3]> {
+    let busy: f64 = ["preprocess", "vision", "prefill", "decode", "parse"]
+        .iter()
+        .map(|st| metric(rex, "rexstream_stage_latency_seconds_sum", &[("stage", st)]))
+        .sum::<Result<f64>>()?;
+    Ok([
+        metric(
+            rex,
+            "rexstream_frames_received_total",
+            &[("stream", stream)],
+        )?,
+        busy,
+        metric(rex, "rexstream_batch_size_count", &[])?,
+    ])
+}
+
+/// Processed frames per second of `stream` over `window`; prints the diagnostics beside it.
 fn rate(rex: &Rexstream, stream: &str, window: Duration) -> Result<f64> {
-    let (a, t) = (processed(rex, stream)?, Instant::now());
+    let (a, d0, t) = (processed(rex, stream)?, diag(rex, stream)?, Instant::now());
     std::thread::sleep(window);
-    Ok((processed(rex, stream)? - a) / t.elapsed().as_secs_f64())
+    let (b, d1, secs) = (
+        processed(rex, stream)?,
+        diag(rex, stream)?,
+        t.elapsed().as_secs_f64(),
+    );
+    let batches = d1[2] - d0[2];
+    println!(
+        "  {stream}: processed {:.2} fps, received {:.1} fps; detector {batches} batches, busy {:.0} % \
+         ({:.0} ms per batch) over {secs:.1} s",
+        (b - a) / secs,
+        (d1[0] - d0[0]) / secs,
+        (d1[1] - d0[1]) / secs * 100.0,
+        (d1[1] - d0[1]) / batches.max(1.0) * 1e3
+    );
+    Ok((b - a) / secs)
 }
 
 #[test]
@@ -108,7 +146,7 @@ fn camera_killed_restarted_and_hung() -> Result<()> {
     }
 
     // Healthy stream's rate with both cameras up.
-    let before = rate(&rex, "steady", Duration::from_secs(8))?;
+    let before = rate(&rex, "steady", OUTAGE)?;
 
     // --- Outage: SIGKILL the camera, keep it away, bring it back on the same port.
     let killed = Instant::now();
@@ -121,10 +159,7 @@ fn camera_killed_restarted_and_hung() -> Result<()> {
         |v| v == 0.0,
     )?;
     let detect_kill = down_at - killed;
-    let during_start = (processed(&rex, "steady")?, Instant::now());
-    std::thread::sleep(OUTAGE.saturating_sub(killed.elapsed()));
-    let during =
-        (processed(&rex, "steady")? - during_start.0) / during_start.1.elapsed().as_secs_f64();
+    let during = rate(&rex, "steady", OUTAGE.saturating_sub(killed.elapsed()))?;
     let received_before = metric(&rex, "rexstream_frames_received_total", &up("flaky"))?;
     flaky.restart()?; // returns once the port accepts again: the server is back
     let back = Instant::now();
@@ -166,7 +201,7 @@ fn camera_killed_restarted_and_hung() -> Result<()> {
         "healthy stream processed nothing before the outage"
     );
     assert!(
-        during >= 0.8 * before,
+        during >= KEEP_RATE * before,
         "healthy stream slowed from {before:.2} to {during:.2} fps during the other camera's outage"
     );
 

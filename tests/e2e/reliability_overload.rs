@@ -73,8 +73,8 @@ fn fast_camera_is_dropped_not_queued() -> Result<()> {
     let dir = TempDir::new("rel-overload")?;
     let cam = RtspServer::start(RtspSource {
         fps: SOURCE_FPS,
-        width: 640,
-        height: 480,
+        width: 320,
+        height: 240,
         pattern: "ball".into(),
     })?;
     let http = free_port()?;
@@ -83,7 +83,7 @@ fn fast_camera_is_dropped_not_queued() -> Result<()> {
     std::fs::write(
         &cfg,
         format!(
-            "[model]\nmax_batch = 1\nmax_new_tokens = 48\n\n[broker]\nlisten = \"127.0.0.1:{}\"\n\n\
+            "[model]\nmax_batch = 1\nmax_new_tokens = 24\n\n[broker]\nlisten = \"127.0.0.1:{}\"\n\n\
              [metrics]\nlisten = \"127.0.0.1:{http}\"\n\n[jsonl]\npath = \"{}\"\n\n\
              [[streams]]\nname = \"fast\"\nuri = \"{}\"\nsource = \"rtspsrc\"\ntransport = \"tcp\"\n\
              latency_ms = 0\nmax_fps = 1000\nno_frame_timeout_s = 10\ncategories = [\"ball\", \"person\"]\n",

@@ -11,6 +11,15 @@ use rexomni::protocol::{
     IncrementalParser, ParsedOutput, RexTokenizer, Task,
 };
 
+/// `PROPTEST_CASES` when set (long fuzz runs, docs/reliability.md), else this file's default:
+/// a literal `cases:` would override the variable that `ProptestConfig::default()` reads.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn tok() -> &'static RexTokenizer {
     static TOK: OnceLock<RexTokenizer> = OnceLock::new();
     TOK.get_or_init(|| {
@@ -106,7 +115,7 @@ fn id_atom() -> impl Strategy<Value = u32> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
 
     #[test]
     fn text_parser_never_panics(atoms in prop::collection::vec(text_atom(), 0..80), task in any_task(),
@@ -323,7 +332,7 @@ fn keypoint_text(instances: &[KeypointInstance], fenced: bool) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(200), ..ProptestConfig::default() })]
 
     #[test]
     fn streamed_shapes_equal_finish_on_well_formed_answers(a in answer_strategy(), w in 1u32..4000, h in 1u32..4000) {
