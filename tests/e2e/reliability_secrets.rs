@@ -135,6 +135,11 @@ fn passwords_never_reach_logs_metrics_or_health() -> Result<()> {
         health.len(),
         leaks.len()
     );
+    let sample = log
+        .lines()
+        .find(|l| l.contains("stream=dead") && l.contains("Stream lost"))
+        .unwrap_or("<none>");
+    println!("secrets: a reconnect line of the dead stream: {sample}");
     assert!(leaks.is_empty(), "secrets leaked:\n{}", leaks.join("\n"));
     assert!(
         stream_lost >= 3,
