@@ -141,8 +141,10 @@ fn keypoint_json_span(text: &str) -> Option<Range<usize>> {
         let body_start = start + FENCE.len();
         if let Some(len) = text[body_start..].find("```") {
             let inner = &text[body_start..body_start + len];
+            // Python's .strip(); an all-whitespace body is an empty range, not start > end.
             let lead = inner.len() - inner.trim_start().len();
-            return Some(body_start + lead..body_start + inner.trim_end().len());
+            let start = body_start + lead;
+            return Some(start..start + inner.trim().len());
         }
     }
     let open = text.find('{')?;
@@ -499,6 +501,13 @@ mod tests {
         // Huge bins clamp.
         let p = parse_standard_raw("<|object_ref_start|>a<|object_ref_end|><|box_start|><1234><99999999999999999999><|box_end|>");
         assert_eq!(bins_of(&p), [("a".into(), vec![999, 999])]);
+    }
+
+    /// Found by proptest: a fence whose body is only whitespace made a reversed slice range.
+    #[test]
+    fn whitespace_only_json_fence_is_empty_not_a_panic() {
+        let out = parse_output("```json\n \n```", Task::Keypoint, 100, 100);
+        assert!(out.detections.is_empty());
     }
 
     #[test]
