@@ -71,10 +71,17 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut pipeline = Pipeline::load(&args.config).map_err(|e| anyhow!("{e}"))?;
     let shard = Shard::resolve(args.shard.as_deref(), |k| std::env::var(k).ok())
         .map_err(|e| anyhow!("{e}"))?;
+    // A StatefulSet replica whose shard owns no stream (more replicas than streams) must stay up, healthy and
+    // scrapeable until it is signalled: exiting would be restarted by Kubernetes forever.
+    let mut idle_replica = false;
     if shard != Shard::ALL {
         let before = pipeline.streams.len();
         pipeline.streams.retain(|s| shard.owns(&s.name));
         info!(message = "Sharded.", shard = %shard, streams = pipeline.streams.len(), of = before);
+        idle_replica = pipeline.streams.is_empty();
+        if idle_replica {
+            warn!(message = "This replica's shard owns no stream; serving /metrics and /healthz until stopped.", shard = %shard);
+        }
     }
     let source = model_source(&args, &pipeline);
     rexstream::ingest::pipeline::init().map_err(|e| anyhow!(e))?;
@@ -84,13 +91,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let result = runtime.block_on(run_async(pipeline, source));
+    let result = runtime.block_on(run_async(pipeline, source, idle_replica));
     // A model still loading after an early signal must not hold the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
 }
 
-async fn run_async(pipeline: Pipeline, source: String) -> Result<()> {
+/// `idle_replica`: this replica's shard owns no stream; run until a signal instead of ending at once.
+async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Result<()> {
     let shutdown = Shutdown::new();
     let metrics = Arc::new(Metrics::new());
     let file = pipeline.file.display().to_string();
@@ -216,7 +224,7 @@ async fn run_async(pipeline: Pipeline, source: String) -> Result<()> {
             info!(message = "Shutting down: stopping ingest, finishing the batch in flight.");
             false
         }
-        _ = &mut worker_done => {
+        _ = &mut worker_done, if !idle_replica => {
             info!(message = "Every stream has ended; shutting down.");
             true
         }
