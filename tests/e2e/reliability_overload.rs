@@ -12,10 +12,13 @@
 //! - drops: `rexstream_frames_dropped_total{reason="superseded"}` and the frame accounting
 //!   received = processed + dropped + (≤ 2 frames in the slot or in flight).
 //!
-//! Asserted: p99 latency < [`LATENCY_BOUND_PERIODS`] × the median detector period (a frame waits
-//! at most one period in the slot, then takes one period to process); RSS at the end within 10 %
-//! of the start; superseded drops > 0 and every frame accounted for; the source at least
-//! [`MIN_OVERLOAD`] × faster than the detector.
+//! Asserted: p99 latency < [`LATENCY_BOUND_PERIODS`] × the p99 detector period (a frame waits at
+//! most one period in the slot, then takes one period to process; p99 rather than the median
+//! because on a shared CPU a batch now and then takes 2–3× the median, and the frame that waited
+//! for it is late by that much without anything queueing — queueing would grow without bound);
+//! the p99 queue wait (capture → batch start, `timing.queue_ms`) below one median detector
+//! period; RSS at the end within 10 % of the start; superseded drops > 0 and every frame
+//! accounted for; the source at least [`MIN_OVERLOAD`] × faster than the detector.
 //!
 //! Short (CI): ~25 s of load. Long (issue 6: ≥ 2 minutes): `REXSTREAM_LONG_TESTS=1 cargo test -p
 //! rexstream-e2e --test reliability_overload -- --nocapture` (150 s of load).
@@ -146,8 +149,13 @@ fn fast_camera_is_dropped_not_queued() -> Result<()> {
         .collect();
     let periods: Vec<f64> = docs.iter().filter_map(period_ms).collect();
     let (p50, p99) = (percentile(&e2e, 0.50), percentile(&e2e, 0.99));
-    let period = percentile(&periods, 0.50);
-    let bound = LATENCY_BOUND_PERIODS * period;
+    let (period, period_p99) = (percentile(&periods, 0.50), percentile(&periods, 0.99));
+    let bound = LATENCY_BOUND_PERIODS * period_p99;
+    let queue: Vec<f64> = docs
+        .iter()
+        .filter_map(|d| d["timing"]["queue_ms"].as_f64())
+        .collect();
+    let queue_p99 = percentile(&queue, 0.99);
     let name = "rexstream_end_to_end_latency_seconds";
     let (h0, h1) = (
         histogram_buckets(&m0, name, &s),
@@ -167,7 +175,8 @@ fn fast_camera_is_dropped_not_queued() -> Result<()> {
     println!(
         "overload ({:.0} s after {:.0} s warm-up): source {source_fps:.1} fps, detector {detector_fps:.2} fps \
          (×{:.1} overload); {} documents; e2e latency p50 {p50:.0} ms, p99 {p99:.0} ms (bound {bound:.0} ms = \
-         {LATENCY_BOUND_PERIODS} × median detector period {period:.0} ms); histogram p50 {hp50:.0} ms, p99 \
+         {LATENCY_BOUND_PERIODS} × p99 detector period {period_p99:.0} ms; median period {period:.0} ms, \
+         p99 queue wait {queue_p99:.0} ms); histogram p50 {hp50:.0} ms, p99 \
          {hp99:.0} ms; median latency first third {early:.0} ms, last third {late:.0} ms; RSS start {} KiB, \
          end {} KiB ({:+.1} %), max {} KiB; dropped superseded {superseded}, received {received}, processed \
          {processed}, unaccounted {unaccounted}",
@@ -188,7 +197,13 @@ fn fast_camera_is_dropped_not_queued() -> Result<()> {
     );
     assert!(
         p99 < bound,
-        "e2e p99 {p99:.0} ms ≥ bound {bound:.0} ms ({LATENCY_BOUND_PERIODS} × {period:.0} ms)"
+        "e2e p99 {p99:.0} ms ≥ bound {bound:.0} ms ({LATENCY_BOUND_PERIODS} × {period_p99:.0} ms)"
+    );
+    // Nothing queues: the time from capture to the start of a frame's batch stays under one
+    // (median) detector period — the slot hands over the newest frame when the worker asks.
+    assert!(
+        queue_p99 < period,
+        "p99 queue wait {queue_p99:.0} ms ≥ median detector period {period:.0} ms: frames are queueing"
     );
     assert!(
         (rss_end as f64) <= 1.10 * rss_start as f64,
