@@ -241,13 +241,13 @@ fn corrupt_video_and_bad_prompts_leave_the_rest_running() -> Result<()> {
         Duration::from_secs(60),
         |v| v > 0.0,
     )?;
-    let before = rate(&rex, "good", Duration::from_secs(5))?;
+    let before = rate(&rex, "good", Duration::from_secs(8))?;
 
     // The non-video file fails at once: it must be logged and either retried or ended, never
     // take the process down.
     let nv_outcome = wait_until_ended_or_reconnected(&rex, "notvideo")?;
     let corrupt_outcome = wait_until_ended_or_reconnected(&rex, "corrupt")?;
-    let after = rate(&rex, "good", Duration::from_secs(5))?;
+    let after = rate(&rex, "good", Duration::from_secs(8))?;
     let log = rex.log();
     let line_for = |stream: &str| {
         log.lines()
