@@ -8,7 +8,7 @@
 set -euo pipefail
 
 packages=(
-  pkg-config build-essential ca-certificates curl
+  pkg-config build-essential ca-certificates curl openssl python3 python3-venv python3-pip
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-rtsp
