@@ -2,7 +2,7 @@
 """The rexbench measurements with HuggingFace transformers, the official Rex-Omni wrapper's default backend.
 
 Same frame (the synthetic pattern rexbench draws), same prompt, same image size, same output length, and the same
-weights: point --model at the folder `rexbench --save-checkpoint DIR` wrote (or a real checkpoint). Decoding is
+weights (decode steps are timed one by one with a timestamping streamer, so the prefill does not leak in): point --model at the folder `rexbench --save-checkpoint DIR` wrote (or a real checkpoint). Decoding is
 forced to exactly --output-tokens tokens (min_new_tokens = max_new_tokens) so both sides pay for the same answer.
 
     python tests/reference/bench_hf.py --model /tmp/rex-random --dtype bf16 --batches 1,4 --concurrent 1,4 \
@@ -104,31 +104,36 @@ def main():
         vis = timed(vision, a.iters)
         pf = timed(prefill, a.iters)
 
-        def generate(batch, new_tokens):
-            out = model.generate(
-                input_ids=ids.repeat(batch, 1),
-                attention_mask=torch.ones_like(ids).repeat(batch, 1),
-                pixel_values=pv.repeat(batch, 1),
-                image_grid_thw=grid.repeat(batch, 1),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                repetition_penalty=1.05,
-            )
-            sync()
-            return out
+        class StepClock:
+            """A generate() streamer that only timestamps: put() runs once for the prompt, then once per step."""
+
+            def __init__(self):
+                self.t = []
+
+            def put(self, _value):
+                sync()
+                self.t.append(time.perf_counter())
+
+            def end(self):
+                pass
 
         decode = []
         for b in [int(x) for x in a.batches.split(",") if x]:
-            # Decode cost = generate(T) − generate(1): the prefill is the same in both.
-            t = time.perf_counter()
-            generate(b, 1)
-            one = time.perf_counter() - t
-            t = time.perf_counter()
-            generate(b, a.output_tokens)
-            full = time.perf_counter() - t
-            steps = a.output_tokens - 1
-            step = max(full - one, 1e-9) / steps
+            clock = StepClock()
+            model.generate(
+                input_ids=ids.repeat(b, 1),
+                attention_mask=torch.ones_like(ids).repeat(b, 1),
+                pixel_values=pv.repeat(b, 1),
+                image_grid_thw=grid.repeat(b, 1),
+                max_new_tokens=a.output_tokens,
+                min_new_tokens=a.output_tokens,
+                do_sample=False,
+                repetition_penalty=1.05,
+                streamer=clock,
+            )
+            # t[0]: prompt; t[1]: first token (prefill); each later stamp is one decode step.
+            steps = len(clock.t) - 2
+            step = (clock.t[-1] - clock.t[1]) / steps
             decode.append({"batch": b, "ms_per_step": step * 1e3, "tokens_per_s": b / step})
             print(f"bench_hf: decode batch {b}: {step * 1e3:.1f} ms/step", flush=True)
 
