@@ -8,6 +8,7 @@
 //!
 //! In: `x` `[m, k]` bf16 (m ≤ [`MAX_ROWS`]), `w` `[n, k]` bf16 (a `Linear` weight), both contiguous.
 //! Out: `[m, n]` bf16, accumulated in f32. Runs on the rayon pool candle already uses for CPU ops.
+//! Other dtypes and devices go to candle, with batched `[B, L, k]` rows flattened into one matmul.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Linear;
@@ -29,7 +30,12 @@ pub fn linear_forward(linear: &Linear, x: &Tensor) -> Result<Tensor> {
         && w.dtype() == DType::BF16
         && rows <= MAX_ROWS)
     {
-        return linear.forward(x);
+        // candle's `Linear` on `[B, L, k]` broadcasts the weight to `[B, k, n]` and runs B matmuls, which reads
+        // every weight B times in a batched decode step (L = 1); one `[B·L, k]` matmul reads it once.
+        return match *x.dims() {
+            [b, l, k] if b > 1 => linear.forward(&x.reshape((b * l, k))?)?.reshape((b, l, ())),
+            _ => linear.forward(x),
+        };
     }
     let mut out_dims = x.dims().to_vec();
     let k = *out_dims.last().expect("x has a last dimension");
@@ -83,6 +89,7 @@ fn widen(v: bf16) -> f32 {
 /// `x [m,k] · w [n,k]ᵀ` → `[m,n]`. Each weight row is read once and dotted with every (f32-widened) x row.
 fn rows_times_weight_t(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
     let xf: Vec<f32> = x.iter().map(|&v| widen(v)).collect();
+    let dot = dot_for_this_cpu();
     // Column-major result chunks (one per task: ROWS_PER_TASK weight rows × m), transposed at the end.
     let mut out_t = vec![0f32; n * m];
     out_t
@@ -110,16 +117,40 @@ fn rows_times_weight_t(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> 
     out
 }
 
-/// Dot product with 16 independent accumulators, so the compiler can keep them in vector registers (a single
-/// running sum would serialise every add).
+/// The dot product compiled for the best instruction set this CPU has. Release builds target baseline x86-64
+/// (SSE2, no FMA), which makes a batched decode step compute-bound; AVX2+FMA is chosen at run time.
+fn dot_for_this_cpu() -> fn(&[f32], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        return |a, b| {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { dot_avx2_fma(a, b) }
+        };
+    }
+    dot
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+/// Dot product with 16 independent accumulators, so the compiler keeps them in vector registers (a single
+/// running sum would serialise every add); `mul_add` becomes a vector FMA where the target has one.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut acc = [0f32; LANES];
     let (ac, at) = a.split_at(a.len() / LANES * LANES);
     let (bc, bt) = b.split_at(ac.len());
     for (x, y) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
         for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+            acc[l] = x[l].mul_add(y[l], acc[l]);
         }
     }
     let tail: f32 = at.iter().zip(bt).map(|(x, y)| x * y).sum();
@@ -142,6 +173,12 @@ mod tests {
             let b = Tensor::randn(0f32, 1.0, n, &dev)?.to_dtype(DType::BF16)?;
             let lin = Linear::new(w, Some(b));
             let ours = linear_forward(&lin, &x)?.to_dtype(DType::F32)?;
+            // The f32 batched path (flattened rows) against candle's broadcast matmul.
+            let xf = Tensor::randn(0f32, 1.0, (3, 1, k), &dev)?;
+            let linf = Linear::new(lin.weight().to_dtype(DType::F32)?, None);
+            let (a, b) = (linear_forward(&linf, &xf)?, linf.forward(&xf)?);
+            assert_eq!(a.dims(), b.dims());
+            assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-3);
             let theirs = lin.forward(&x)?.to_dtype(DType::F32)?;
             assert_eq!(ours.dims(), theirs.dims());
             let diff = (ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;

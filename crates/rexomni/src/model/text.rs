@@ -114,9 +114,22 @@ impl Attention {
         };
         *cache = Some((k.clone(), v.clone()));
         let rep = self.heads / self.kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-        let o = attend(&q, &k, &v, MAX_SCORE_ELEMS, mask)?;
+        let o = if l == 1 {
+            // Decode: the `rep` query heads that share a kv head (head h uses kv head h / rep, as HF's repeat_kv)
+            // become `rep` query rows against that kv head, so the cache is never copied `rep` times per step.
+            // The padding mask `[B, 1, 1, T]` broadcasts over the grouped rows.
+            let grouped = q.reshape((b, self.kv_heads, rep, self.head_dim))?;
+            attend(&grouped, &k, &v, MAX_SCORE_ELEMS, mask)?.reshape((
+                b,
+                self.heads,
+                1,
+                self.head_dim,
+            ))?
+        } else {
+            let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+            let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+            attend(&q, &k, &v, MAX_SCORE_ELEMS, mask)?
+        };
         let o = o
             .transpose(1, 2)?
             .reshape((b, l, self.heads * self.head_dim))?;
