@@ -9,54 +9,22 @@
 //! test thread, no I/O except `canonicalize`/`is_file` on generated relative paths under a folder
 //! that does not exist.
 //!
-//! Budget: `PROPTEST_CASES` (default [`DEFAULT_CASES`] per property, a few seconds in CI). Long run
+//! Budget: `PROPTEST_CASES` (default `fuzz_budget::DEFAULT_CASES` per property, a few seconds in CI). Long run
 //! (docs/reliability.md): `PROPTEST_CASES=1000000 cargo test -p rexstream --test fuzz_config`.
 
 use std::path::Path;
 
+mod fuzz_budget;
+
+use fuzz_budget::{config, count};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
 use rexstream::config::{ConfigError, PipelineConfig};
 
-/// Cases per property when `PROPTEST_CASES` is unset: enough to catch shallow panics in CI in a
-/// few seconds on 2 shared cores.
-const DEFAULT_CASES: u32 = 3000;
 /// The name the parser is given; every error must start with it.
 const FILE: &str = "fuzz/pipeline.toml";
 /// What the injected environment returns for any `*_PW`/`*PASSWORD` variable: finding it in an
 /// error or a Debug print would be a leak.
 const SECRET: &str = "Fz-s3cr3t-9f41";
-
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CASES)
-}
-
-fn config() -> Config {
-    Config {
-        cases: cases(),
-        ..Config::default()
-    }
-}
-
-/// Count one generated input of property `name` and print the total when its budget is spent,
-/// so a run reports how many inputs it really checked.
-fn count(name: &str) {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    static COUNTS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
-    let mut g = COUNTS.lock().unwrap_or_else(|e| e.into_inner());
-    let n = g
-        .get_or_insert_with(HashMap::new)
-        .entry(name.to_string())
-        .or_insert(0);
-    *n += 1;
-    if *n == u64::from(config().cases) {
-        println!("{name}: {n} inputs without a panic");
-    }
-}
 
 fn env(var: &str) -> Option<String> {
     (var.ends_with("_PW") || var.ends_with("PASSWORD")).then(|| SECRET.to_string())

@@ -6,45 +6,18 @@
 //! and prompt-shaped objects with wrong types, unknown tasks, special-token text, extreme or
 //! inverted boxes. Out: pass/fail; runs on the test thread, no I/O.
 //!
-//! Budget: `PROPTEST_CASES` (default [`DEFAULT_CASES`] per property). Long run
+//! Budget: `PROPTEST_CASES` (default `fuzz_budget::DEFAULT_CASES` per property). Long run
 //! (docs/reliability.md): `PROPTEST_CASES=1000000 cargo test -p rexstream --test fuzz_prompt_set`.
 
+mod fuzz_budget;
+
+use fuzz_budget::{config, count};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
 use rexstream::sinks::prompts::{parse_prompt_set, PromptTable, MAX_PROMPT_SET_BYTES};
 use rexstream::sinks::SinkError;
 use serde_json::{json, Value};
 
-/// Cases per property when `PROPTEST_CASES` is unset (a few seconds in CI).
-const DEFAULT_CASES: u32 = 3000;
 const STREAM: &str = "cam";
-
-fn config() -> Config {
-    Config {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_CASES),
-        ..Config::default()
-    }
-}
-
-/// Count one generated input of property `name` and print the total when its budget is spent,
-/// so a run reports how many inputs it really checked.
-fn count(name: &str) {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    static COUNTS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
-    let mut g = COUNTS.lock().unwrap_or_else(|e| e.into_inner());
-    let n = g
-        .get_or_insert_with(HashMap::new)
-        .entry(name.to_string())
-        .or_insert(0);
-    *n += 1;
-    if *n == u64::from(config().cases) {
-        println!("{name}: {n} inputs without a panic");
-    }
-}
 
 /// Parse `payload`; an accepted prompt must validate, a rejection must name the stream.
 fn check(payload: &[u8]) -> bool {
