@@ -50,8 +50,8 @@ pub struct DecodeRow {
     pub batch: usize,
     pub ms_per_step: f64,
     pub tokens_per_s: f64,
-    /// Time per step if every weight byte is read once per step at `bandwidth` (reported by the caller's
-    /// doc; here the bytes, so any bandwidth can be applied).
+    /// Decoder weight bytes one step must read: divided by a device's memory bandwidth, the step's lower bound
+    /// (docs/benchmarks.md states the H100 ratio this way).
     pub weight_bytes_per_step: usize,
 }
 
