@@ -8,7 +8,8 @@ Writes tests/fixtures/prep/:
   <case>.pv.f32             pixel_values from the HF slow Qwen2VLImageProcessor, raw little-endian f32:
                             all rows for small cases, `pv_rows` (a sample of rows) for the others
   yuv/<case>.<colorimetry>.{nv12,i420}  raw planes written by GStreamer `videoconvert` (strides/offsets in the manifest)
-  yuv/<that file>.rgb.png   GStreamer `videoconvert` of those planes back to RGB (the NV12/I420 reference)
+  yuv/<that file>.rgb.png   GStreamer `videoconvert` of those planes back to RGB (the NV12/I420 reference);
+                            the manifest records the chroma-site GStreamer put on the caps of that conversion
 
 Pinned (requirements-prep.txt): pillow==10.4.0 (Pillow 13's bicubic differs, spec §1.4), transformers==4.51.3,
 numpy, scikit-image; gst-launch-1.0 (GStreamer 1.22) on PATH.
@@ -17,6 +18,7 @@ Usage: /work/venv/bin/python tests/reference/gen_prep_fixtures.py [out_dir]
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -49,14 +51,17 @@ CASES = [
     ("chelsea_2500x40", "chelsea", 2500, 40, "wide strip"),
 ]
 
-# NV12/I420 cases: (source case, format, GStreamer colorimetry name). Kept small: the fixture folder
+# NV12/I420 cases: (source case, format, GStreamer colorimetry string). Kept small: the fixture folder
 # stays under ~8 MB (720p is not stored; tests/reference/bench_hf_preprocess.py derives it from 1080p).
 YUV_CASES = [
     ("astronaut_640x480", "nv12", "bt601"),
     ("chelsea_500x375", "i420", "bt601"),
     ("chelsea_500x375", "nv12", "bt709"),  # caps say BT.709 on an SD frame: the caps win
     ("rocket_120x250", "i420", "bt601"),  # width 120: I420 chroma stride 60 → padded to 60 (already 4-aligned)
+    ("rocket_120x250", "nv12", "1:4:0:0"),  # full-range BT.601 (JPEG); GStreamer has no name for it
+    ("chelsea_100x100", "i420", "1:4:0:0"),  # the same through the I420 fast path
     ("coffee_70x42", "nv12", "bt601"),  # 70: Y stride padded to 72 by GStreamer
+    ("coffee_31x6000", "nv12", "bt709"),  # over 576 lines: chroma-site mpeg2 (co-sited); odd width
 ]
 
 
@@ -107,6 +112,17 @@ def gst(*args):
     subprocess.run(["gst-launch-1.0", "-q", *args], check=True, stdout=subprocess.DEVNULL)
 
 
+def gst_caps_field(element, field, *args):
+    """Run a pipeline verbosely and return `field` of the caps on `element`'s src pad."""
+    out = subprocess.run(["gst-launch-1.0", "-v", *args], check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if f"{element}.GstPad:src: caps = " in line:
+            m = re.search(field + r"=\(string\)([\w:]+)", line)
+            assert m, f"{field} missing in {line}"
+            return m.group(1)
+    raise AssertionError(f"no caps for {element} in:\n{out}")
+
+
 def main():
     os.makedirs(os.path.join(OUT, "yuv"), exist_ok=True)
     proc = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
@@ -139,14 +155,16 @@ def main():
         c = next(c for c in manifest["cases"] if c["case"] == case)
         w, h = c["width"], c["height"]
         png = os.path.join(OUT, f"{case}.png")
-        raw = os.path.join(OUT, "yuv", f"{case}.{colorimetry}.{fmt}")
-        back = os.path.join(OUT, "yuv", f"{case}.{colorimetry}.{fmt}.rgb.raw")
+        label = {"1:4:0:0": "full601"}.get(colorimetry, colorimetry)
+        raw = os.path.join(OUT, "yuv", f"{case}.{label}.{fmt}")
+        back = raw + ".rgb.raw"
         caps = f"video/x-raw,format={fmt.upper()},colorimetry={colorimetry}"
         gst("filesrc", f"location={png}", "!", "pngdec", "!", "videoconvert", "!", caps, "!",
             "filesink", f"location={raw}")
         strides, offsets, size = yuv_layout(fmt, w, h)
         assert os.path.getsize(raw) == size, f"{case}: GStreamer wrote {os.path.getsize(raw)} bytes, layout says {size}"
-        gst("filesrc", f"location={raw}", "blocksize=" + str(size), "!",
+        chroma_site = gst_caps_field(
+            "rawvideoparse0", "chroma-site", "filesrc", f"location={raw}", "blocksize=" + str(size), "!",
             "rawvideoparse", f"width={w}", f"height={h}", f"format={fmt}", f"colorimetry={colorimetry}",
             "framerate=1/1", "!", "videoconvert", "!", "video/x-raw,format=RGB", "!",
             "filesink", f"location={back}")
@@ -155,9 +173,9 @@ def main():
         rgb = np.fromfile(back, dtype=np.uint8).reshape(h, rs)[:, : w * 3].reshape(h, w, 3)
         os.remove(back)
         Image.fromarray(rgb).save(back.replace(".rgb.raw", ".rgb.png"), optimize=True)
-        manifest["yuv"].append({"case": case, "file": os.path.basename(raw), "format": fmt, "colorimetry": colorimetry, "width": w,
-                                "height": h, "strides": strides, "offsets": offsets, "size": size})
-        print(f"yuv {case} {fmt} {colorimetry}: strides {strides} offsets {offsets}")
+        manifest["yuv"].append({"case": case, "file": os.path.basename(raw), "format": fmt, "colorimetry": colorimetry,
+                                "chroma_site": chroma_site, "width": w, "height": h, "strides": strides, "offsets": offsets, "size": size})
+        print(f"yuv {case} {fmt} {colorimetry} chroma-site {chroma_site}: strides {strides} offsets {offsets}")
 
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)

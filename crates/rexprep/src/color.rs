@@ -1,27 +1,46 @@
 //! NV12 / I420 → packed RGB on the CPU: a validated YUV `Frame` in, a tight `w·h·3` RGB `Vec<u8>` out,
 //! ready for `resize`. Runs on the thread that prepares the frame.
 //!
-//! Matrix and range come from `Frame::colorimetry` (the caps' `colorimetry`, or GStreamer's default:
-//! BT.601 limited up to 576 lines, BT.709 limited above). Chroma is 4:2:0; each chroma sample is
-//! used for its 2×2 block of luma samples (nearest). GStreamer 1.22's `videoconvert` does the same for
-//! I420 but interpolates chroma for NV12, and its 8-bit matrix is biased by about −2.4 levels; the
-//! measured differences are asserted and explained in tests/prep_fixtures.rs.
+//! The target is GStreamer 1.22's `videoconvert` to RGB, byte for byte: that is the pipeline a Rex-Omni
+//! user runs before the Python processor, so matching it makes our pixel_values those of the reference
+//! deployment (issue 4). Two properties of `videoconvert` follow, both measured against it on every
+//! fixture and derived from gst-plugins-base 1.22 (`video-converter.c`, `video-chroma.c`,
+//! `video-orc.orc`):
+//!
+//! - The matrix is 8-bit fixed point (`video_orc_convert_I420_ARGB` / `_AYUV_ARGB`): coefficients are
+//!   `rint(256·m)`, samples are centred on 128 and widened by byte-splatting, products keep the high 16
+//!   bits, and the range offset is dropped. Limited-range mid grey (Y 128) stays 128 and Y 235 gives 253,
+//!   where exact BT.601 says 130.4 and 255.
+//! - Chroma: I420 takes the fast path (nearest sample for each 2×2 block); NV12 goes through the generic
+//!   path, which upsamples chroma with integer filters: horizontally per `ChromaSite`, then vertically
+//!   3:1 / 1:3 between the two nearest chroma rows.
+//!
+//! The CUDA kernels in kernels/prep.cu implement the same integer arithmetic.
 
-use crate::{ColorMatrix, ColorRange, Colorimetry, Frame, PixelFormat};
+use crate::{ChromaSite, ColorMatrix, ColorRange, Colorimetry, Frame, PixelFormat};
 
-/// Floating-point YUV → RGB coefficients for one colorimetry, folded with the range expansion.
-#[derive(Debug, Clone, Copy)]
+/// `videoconvert`'s fixed-point YUV → RGB matrix for one colorimetry.
+///
+/// R = y' + rv·v';  G = y' + gu·u' + gv·v';  B = y' + bu·u', each product the high half of a 16×16-bit
+/// multiply of a splatted sample, saturated to a signed byte and shifted back by 128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct YuvToRgb {
-    pub y_off: f32,
-    pub y_mul: f32,
-    /// R = y + rv·V';  G = y + gu·U' + gv·V';  B = y + bu·U'  with U' = U − 128, V' = V − 128.
-    pub rv: f32,
-    pub gu: f32,
-    pub gv: f32,
-    pub bu: f32,
+    /// Y gain ·256 (`im[0][0]`): 298 for limited range, 256 for full.
+    pub y: i16,
+    /// V → R (`im[0][2]`).
+    pub rv: i16,
+    /// U → G (`im[1][1]`).
+    pub gu: i16,
+    /// V → G (`im[1][2]`).
+    pub gv: i16,
+    /// U → B (`im[2][1]`).
+    pub bu: i16,
 }
 
 impl YuvToRgb {
+    /// The matrix `videoconvert` builds (`compute_matrix_to_RGB`, then `prepare_matrix`): range
+    /// expansion with the scale as a single-precision reciprocal, the Kr/Kb matrix, ·255 for RGB, ·256,
+    /// rounded half to even like `rint`.
     pub fn new(c: Colorimetry) -> YuvToRgb {
         let (kr, kb) = match c.matrix {
             ColorMatrix::Bt601 => (0.299f64, 0.114f64),
@@ -29,32 +48,54 @@ impl YuvToRgb {
             ColorMatrix::Bt2020 => (0.2627, 0.0593),
         };
         let kg = 1.0 - kr - kb;
-        // Limited range: Y 16..235 (219 steps), chroma 16..240 (224 steps) map to 0..255.
-        let (y_off, y_mul, c_mul) = match c.range {
-            ColorRange::Limited => (16.0, 255.0 / 219.0, 255.0 / 224.0),
-            ColorRange::Full => (0.0, 1.0, 1.0),
+        // gst_video_color_range_offsets: limited Y spans 219 steps, chroma 224; full range 255.
+        let (y_steps, c_steps) = match c.range {
+            ColorRange::Limited => (219.0f32, 224.0f32),
+            ColorRange::Full => (255.0, 255.0),
         };
+        let (y_scale, c_scale) = ((1.0 / y_steps) as f64, (1.0 / c_steps) as f64);
+        let fixed = |gain: f64, coeff: f64| (256.0 * 255.0 * gain * coeff).round_ties_even() as i16;
         YuvToRgb {
-            y_off: y_off as f32,
-            y_mul: y_mul as f32,
-            rv: (2.0 * (1.0 - kr) * c_mul) as f32,
-            gu: (-2.0 * kb * (1.0 - kb) / kg * c_mul) as f32,
-            gv: (-2.0 * kr * (1.0 - kr) / kg * c_mul) as f32,
-            bu: (2.0 * (1.0 - kb) * c_mul) as f32,
+            y: fixed(y_scale, 1.0),
+            rv: fixed(c_scale, 2.0 * (1.0 - kr)),
+            gu: fixed(c_scale, -2.0 * kb * (1.0 - kb) / kg),
+            gv: fixed(c_scale, -2.0 * kr * (1.0 - kr) / kg),
+            bu: fixed(c_scale, 2.0 * (1.0 - kb)),
         }
     }
 
+    /// One pixel, exactly as `videoconvert`'s ORC kernels compute it.
     #[inline]
     pub fn pixel(&self, y: u8, u: u8, v: u8) -> [u8; 3] {
-        let yy = (y as f32 - self.y_off) * self.y_mul;
-        let (u, v) = (u as f32 - 128.0, v as f32 - 128.0);
-        let q = |x: f32| (x + 0.5).clamp(0.0, 255.0) as u8;
-        [
-            q(yy + self.rv * v),
-            q(yy + self.gu * u + self.gv * v),
-            q(yy + self.bu * u),
-        ]
+        let wy = mulhs(splat(y), self.y);
+        let (wu, wv) = (splat(u), splat(v));
+        let r = wy.wrapping_add(mulhs(wv, self.rv));
+        let g = wy
+            .wrapping_add(mulhs(wu, self.gu))
+            .wrapping_add(mulhs(wv, self.gv));
+        let b = wy.wrapping_add(mulhs(wu, self.bu));
+        [unbias(r), unbias(g), unbias(b)]
     }
+}
+
+/// ORC `subb x, c128` then `splatbw`: the sample minus 128 as a signed byte, copied into both bytes of a
+/// 16-bit word (so ±1 in the byte is ±257 in the word).
+#[inline]
+fn splat(sample: u8) -> i16 {
+    let b = sample ^ 0x80; // the bit pattern of (sample − 128) as i8
+    i16::from_ne_bytes([b, b])
+}
+
+/// ORC `mulhsw`: the high 16 bits of the signed 32-bit product.
+#[inline]
+fn mulhs(a: i16, b: i16) -> i16 {
+    ((a as i32 * b as i32) >> 16) as i16
+}
+
+/// ORC `convssswb` (saturate to a signed byte) and the final `addb 128`.
+#[inline]
+fn unbias(w: i16) -> u8 {
+    (w.clamp(-128, 127) as i8 as u8) ^ 0x80
 }
 
 /// Convert a checked NV12 or I420 frame to packed RGB.
@@ -66,46 +107,108 @@ pub fn yuv_to_rgb(frame: &Frame) -> Vec<u8> {
     let m = YuvToRgb::new(frame.colorimetry);
     let luma = frame.plane(0);
     let mut out = vec![0u8; w * h * 3];
-    for (y, orow) in out.chunks_exact_mut(w * 3).enumerate() {
-        let yrow = &luma[y * frame.strides[0]..][..w];
-        let cy = y / 2;
-        match frame.format {
-            PixelFormat::Nv12 => {
-                let uv = &frame.plane(1)[cy * frame.strides[1]..];
-                for (x, px) in orow.chunks_exact_mut(3).enumerate() {
-                    let c = (x / 2) * 2;
-                    px.copy_from_slice(&m.pixel(yrow[x], uv[c], uv[c + 1]));
-                }
-            }
-            PixelFormat::I420 => {
-                let u = &frame.plane(1)[cy * frame.strides[1]..];
-                let v = &frame.plane(2)[cy * frame.strides[2]..];
+    match frame.format {
+        PixelFormat::I420 => {
+            for (y, orow) in out.chunks_exact_mut(w * 3).enumerate() {
+                let yrow = &luma[y * frame.strides[0]..][..w];
+                let u = &frame.plane(1)[y / 2 * frame.strides[1]..];
+                let v = &frame.plane(2)[y / 2 * frame.strides[2]..];
                 for (x, px) in orow.chunks_exact_mut(3).enumerate() {
                     px.copy_from_slice(&m.pixel(yrow[x], u[x / 2], v[x / 2]));
                 }
             }
-            PixelFormat::Rgb => panic!("yuv_to_rgb called on an RGB frame"),
         }
+        PixelFormat::Nv12 => {
+            // Each chroma row upsampled to full width once; rows then blend two of these.
+            let wide = nv12_wide_chroma(frame);
+            for (y, orow) in out.chunks_exact_mut(w * 3).enumerate() {
+                let yrow = &luma[y * frame.strides[0]..][..w];
+                let ((ra, wa), (rb, wb)) = chroma_rows(y, h);
+                let (a, b) = (&wide[ra * w * 2..][..w * 2], &wide[rb * w * 2..][..w * 2]);
+                for (x, px) in orow.chunks_exact_mut(3).enumerate() {
+                    let blend = |i: usize| ((wa * a[i] as u16 + wb * b[i] as u16 + 2) >> 2) as u8;
+                    px.copy_from_slice(&m.pixel(yrow[x], blend(2 * x), blend(2 * x + 1)));
+                }
+            }
+        }
+        PixelFormat::Rgb => panic!("yuv_to_rgb called on an RGB frame"),
     }
     out
+}
+
+/// The two chroma rows blended into luma row `y` of `h`, with their weights (out of 4).
+///
+/// `videoconvert` pairs luma rows (−1, 0), (1, 2), (3, 4), … (rows clamped to the frame): the first of
+/// a pair takes 3/4 of its own chroma row and 1/4 of the next, the second 1/4 of the previous and 3/4
+/// of its own.
+#[inline]
+pub fn chroma_rows(y: usize, h: usize) -> ((usize, u16), (usize, u16)) {
+    if y % 2 == 1 {
+        ((y / 2, 3), ((y + 1).min(h - 1) / 2, 1))
+    } else {
+        (((y.max(1) - 1) / 2, 1), (y / 2, 3))
+    }
+}
+
+/// Every NV12 chroma row as interleaved U,V at full width (`⌈h/2⌉ × w × 2` bytes), upsampled the way
+/// `video_chroma_up_h2_u8` (centred) or `video_chroma_up_h2_cs_u8` (co-sited) does.
+fn nv12_wide_chroma(frame: &Frame) -> Vec<u8> {
+    let (w, ch) = (frame.width as usize, (frame.height as usize).div_ceil(2));
+    let uv = frame.plane(1);
+    let mut wide = vec![0u8; ch * w * 2];
+    for (cy, row) in wide.chunks_exact_mut(w * 2).enumerate() {
+        let src = &uv[cy * frame.strides[1]..][..w.div_ceil(2) * 2];
+        for x in 0..w {
+            for c in 0..2 {
+                row[2 * x + c] = upsample_h(src, x, w, c, frame.chroma_site);
+            }
+        }
+    }
+    wide
+}
+
+/// Component `c` (0 = U, 1 = V) of full-width chroma sample `x` from one interleaved half-width row.
+/// The last column of an even width keeps its nearest sample: GStreamer's loops stop one short.
+#[inline]
+pub fn upsample_h(src: &[u8], x: usize, w: usize, c: usize, site: ChromaSite) -> u8 {
+    let at = |k: usize| src[2 * k + c] as u16;
+    if x == 0 || x == w - 1 && x % 2 == 1 {
+        return at(x / 2) as u8;
+    }
+    match (site, x % 2) {
+        (ChromaSite::HCosited, 0) => at(x / 2) as u8,
+        (ChromaSite::HCosited, _) => ((at(x / 2) + at(x / 2 + 1) + 1) >> 1) as u8,
+        // Centred: odd x sits 1/4 past sample (x−1)/2, even x 1/4 before sample x/2.
+        (ChromaSite::Centered, 1) => ((3 * at(x / 2) + at(x / 2 + 1) + 2) >> 2) as u8,
+        (ChromaSite::Centered, _) => ((at(x / 2 - 1) + 3 * at(x / 2) + 2) >> 2) as u8,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The integer matrices `GST_DEBUG=video-converter:7` prints for NV12 → RGB (rows of `im`).
     #[test]
-    fn limited_range_black_white_and_primaries() {
+    fn matrices_equal_videoconvert() {
+        let m = |c| {
+            let m = YuvToRgb::new(c);
+            [m.y, m.rv, m.bu, m.gu, m.gv]
+        };
+        assert_eq!(m(Colorimetry::BT601), [298, 409, 516, -100, -208]);
+        assert_eq!(m(Colorimetry::BT709), [298, 459, 541, -55, -136]);
+        assert_eq!(m(Colorimetry::BT2020), [298, 430, 548, -48, -167]);
+        assert_eq!(m(Colorimetry::JPEG), [256, 359, 454, -88, -183]);
+    }
+
+    #[test]
+    fn fixed_point_grey_black_white() {
         let m = YuvToRgb::new(Colorimetry::BT601);
+        // videoconvert's bias: the range offset is dropped, so 16 → 0 only by saturation…
         assert_eq!(m.pixel(16, 128, 128), [0, 0, 0]);
-        assert_eq!(m.pixel(235, 128, 128), [255, 255, 255]);
-        // BT.601 limited red: Y 81, Cb 90, Cr 240.
-        let [r, g, b] = m.pixel(81, 90, 240);
-        assert!(r >= 254 && g <= 1 && b <= 1, "{r} {g} {b}");
-        let m = YuvToRgb::new(Colorimetry::BT709);
-        // BT.709 limited red: Y 63, Cb 102, Cr 240.
-        let [r, g, b] = m.pixel(63, 102, 240);
-        assert!(r >= 254 && g <= 1 && b <= 1, "{r} {g} {b}");
+        assert_eq!(m.pixel(128, 128, 128), [128, 128, 128]);
+        // …and white reaches 253, not 255.
+        assert_eq!(m.pixel(235, 128, 128), [253, 253, 253]);
         assert_eq!(
             YuvToRgb::new(Colorimetry::JPEG).pixel(255, 128, 128),
             [255, 255, 255]
@@ -113,22 +216,42 @@ mod tests {
     }
 
     #[test]
-    fn nv12_and_i420_agree() {
-        let (w, h) = (6usize, 4usize);
-        let ys: Vec<u8> = (0..w * h).map(|i| (16 + i * 7) as u8).collect();
-        let us: Vec<u8> = (0..9).map(|i| (100 + i * 5) as u8).collect();
-        let vs: Vec<u8> = (0..9).map(|i| (150 - i * 4) as u8).collect();
-        // Pad the uv rows a bit to exercise strides.
-        let mut i420 = ys.clone();
-        i420.extend(&us[..6]);
-        i420.extend(&vs[..6]);
-        let mut nv12 = ys.clone();
-        for i in 0..6 {
-            nv12.push(us[i]);
-            nv12.push(vs[i]);
-        }
+    fn chroma_row_pairs_clamp_at_the_edges() {
+        assert_eq!(chroma_rows(0, 4), ((0, 1), (0, 3)));
+        assert_eq!(chroma_rows(1, 4), ((0, 3), (1, 1)));
+        assert_eq!(chroma_rows(2, 4), ((0, 1), (1, 3)));
+        assert_eq!(chroma_rows(3, 4), ((1, 3), (1, 1)));
+        assert_eq!(chroma_rows(4, 5), ((1, 1), (2, 3)));
+    }
+
+    #[test]
+    fn horizontal_upsampling_per_site() {
+        let row = [0u8, 0, 100, 0, 200, 0]; // U samples 0, 100, 200
+        let up = |site, w| {
+            (0..w)
+                .map(|x| upsample_h(&row, x, w, 0, site))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(up(ChromaSite::Centered, 6), [0, 25, 75, 125, 175, 200]);
+        assert_eq!(up(ChromaSite::Centered, 5), [0, 25, 75, 125, 175]);
+        assert_eq!(up(ChromaSite::HCosited, 6), [0, 50, 100, 150, 200, 200]);
+        assert_eq!(up(ChromaSite::HCosited, 5), [0, 50, 100, 150, 200]);
+    }
+
+    #[test]
+    fn i420_uses_nearest_chroma_nv12_interpolates() {
+        let (w, h) = (4usize, 2usize);
+        let ys = [128u8; 8];
+        let mut i420 = ys.to_vec();
+        i420.extend([100, 200, 128, 128]); // U row, then V row
+        let mut nv12 = ys.to_vec();
+        nv12.extend([100, 128, 200, 128]);
         let a = yuv_to_rgb(&Frame::i420(w as u32, h as u32, &i420));
         let b = yuv_to_rgb(&Frame::nv12(w as u32, h as u32, &nv12));
-        assert_eq!(a, b);
+        // Column 1: I420 repeats U 100; NV12 (centred) blends (3·100 + 200 + 2) >> 2 = 125.
+        let m = YuvToRgb::new(Colorimetry::BT601);
+        assert_eq!(a[3..6], m.pixel(128, 100, 128));
+        assert_eq!(b[3..6], m.pixel(128, 125, 128));
+        assert_eq!(a[..3], b[..3], "column 0 is the sample itself in both");
     }
 }

@@ -1,5 +1,6 @@
 //! `Frame`: a borrowed decoded video frame as GStreamer hands it out (RGB, NV12 or I420, with per-plane
-//! strides and offsets from `VideoInfo`/`VideoMeta`), plus the colorimetry needed to turn YUV into RGB.
+//! strides and offsets from `VideoInfo`/`VideoMeta`), plus the colorimetry and chroma siting needed to
+//! turn YUV into RGB.
 //! Plain data; validated by `Frame::check` before any pixel is read.
 
 use crate::PrepError;
@@ -61,7 +62,7 @@ impl Colorimetry {
         matrix: ColorMatrix::Bt2020,
         range: ColorRange::Limited,
     };
-    /// `colorimetry=jpeg` / `1:4:0:0`: BT.601 matrix, full range.
+    /// `colorimetry=1:4:0:0` (what JPEG decoders put on their caps): BT.601 matrix, full range.
     pub const JPEG: Colorimetry = Colorimetry {
         matrix: ColorMatrix::Bt601,
         range: ColorRange::Full,
@@ -73,6 +74,31 @@ impl Colorimetry {
             Self::BT709
         } else {
             Self::BT601
+        }
+    }
+}
+
+/// Where each 4:2:0 chroma sample sits relative to the luma grid (the caps' `chroma-site`). Ignored for RGB
+/// frames and for I420, whose conversion uses the nearest chroma sample like `videoconvert`'s I420 fast path.
+///
+/// Only the horizontal siting changes how GStreamer 1.22's `videoconvert` upsamples NV12 chroma: both
+/// sitings interpolate vertically as if centred between two luma rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChromaSite {
+    /// Between two luma columns (`chroma-site=jpeg`, GStreamer's `NONE`, and unknown).
+    Centered,
+    /// On the even luma columns (`chroma-site=mpeg2`, the `H_COSITED` flag).
+    HCosited,
+}
+
+impl ChromaSite {
+    /// What GStreamer assumes for YUV caps without `colorimetry` or `chroma-site`: centred up to 576
+    /// lines, horizontally co-sited above (`set_default_colorimetry` in gst-libs/gst/video/video-info.c).
+    pub fn gstreamer_default(height: u32) -> ChromaSite {
+        if height > 576 {
+            ChromaSite::HCosited
+        } else {
+            ChromaSite::Centered
         }
     }
 }
@@ -90,6 +116,7 @@ pub struct Frame<'a> {
     /// Byte offset of each plane in `data` (unused planes: 0).
     pub offsets: [usize; 3],
     pub colorimetry: Colorimetry,
+    pub chroma_site: ChromaSite,
 }
 
 impl<'a> Frame<'a> {
@@ -103,10 +130,12 @@ impl<'a> Frame<'a> {
             strides: [width as usize * 3, 0, 0],
             offsets: [0; 3],
             colorimetry: Colorimetry::gstreamer_default(height),
+            chroma_site: ChromaSite::gstreamer_default(height),
         }
     }
 
-    /// A tightly packed NV12 frame (Y then UV, no padding) with GStreamer's default colorimetry.
+    /// A tightly packed NV12 frame (Y then UV, no padding) with GStreamer's default colorimetry and
+    /// chroma siting.
     pub fn nv12(width: u32, height: u32, data: &'a [u8]) -> Frame<'a> {
         let (w, h) = (width as usize, height as usize);
         let cw = w.div_ceil(2);
@@ -118,10 +147,12 @@ impl<'a> Frame<'a> {
             strides: [w, cw * 2, 0],
             offsets: [0, w * h, 0],
             colorimetry: Colorimetry::gstreamer_default(height),
+            chroma_site: ChromaSite::gstreamer_default(height),
         }
     }
 
-    /// A tightly packed I420 frame (Y, U, V, no padding) with GStreamer's default colorimetry.
+    /// A tightly packed I420 frame (Y, U, V, no padding) with GStreamer's default colorimetry and
+    /// chroma siting.
     pub fn i420(width: u32, height: u32, data: &'a [u8]) -> Frame<'a> {
         let (w, h) = (width as usize, height as usize);
         let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
@@ -133,6 +164,7 @@ impl<'a> Frame<'a> {
             strides: [w, cw, cw],
             offsets: [0, w * h, w * h + cw * ch],
             colorimetry: Colorimetry::gstreamer_default(height),
+            chroma_site: ChromaSite::gstreamer_default(height),
         }
     }
 
@@ -214,5 +246,7 @@ mod tests {
         assert_eq!(Colorimetry::gstreamer_default(720), Colorimetry::BT709);
         assert_eq!(Colorimetry::gstreamer_default(578), Colorimetry::BT709);
         assert_eq!(Colorimetry::gstreamer_default(2160), Colorimetry::BT709);
+        assert_eq!(ChromaSite::gstreamer_default(576), ChromaSite::Centered);
+        assert_eq!(ChromaSite::gstreamer_default(577), ChromaSite::HCosited);
     }
 }

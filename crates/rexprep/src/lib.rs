@@ -2,8 +2,8 @@
 //!
 //! Layout, in data-flow order:
 //! - `frame`: the borrowed decoded frame (RGB / NV12 / I420, strides and offsets as GStreamer gives them)
-//!   and its colorimetry.
-//! - `color`: NV12 / I420 → RGB (CPU).
+//!   and its colorimetry and chroma siting.
+//! - `color`: NV12 / I420 → RGB (CPU), byte-identical to GStreamer 1.22 `videoconvert`.
 //! - `smart_resize`: original size → model size, multiples of 28 (spec §1.3).
 //! - `resize`: Pillow 10.4 bicubic, bit-exact (spec §1.4).
 //! - `normalize`: CLIP rescale + normalise as a lookup table (spec §1.5).
@@ -25,7 +25,7 @@ pub mod cuda;
 
 pub use color::{yuv_to_rgb, YuvToRgb};
 pub use error::PrepError;
-pub use frame::{ColorMatrix, ColorRange, Colorimetry, Frame, PixelFormat};
+pub use frame::{ChromaSite, ColorMatrix, ColorRange, Colorimetry, Frame, PixelFormat};
 pub use smart_resize::{smart_resize, FACTOR, MAX_PIXELS, MIN_PIXELS};
 
 /// The model input for one frame.

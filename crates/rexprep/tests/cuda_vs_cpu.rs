@@ -4,6 +4,9 @@
 //! `cargo test -p rexprep --features cuda --test cuda_vs_cpu --no-run`, copy the binary and
 //! tests/fixtures/prep, run it with `REXPREP_FIXTURES=<that folder> <binary> --nocapture`.
 
+#[cfg(feature = "cuda")]
+mod common;
+
 #[test]
 fn gpu_matches_cpu() {
     #[cfg(not(feature = "cuda"))]
@@ -14,26 +17,25 @@ fn gpu_matches_cpu() {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use std::path::{Path, PathBuf};
     use std::time::Instant;
 
+    use super::common::{dir, manifest, png_rgb, yuv_data, yuv_frame};
+    use cudarc::driver::CudaSlice;
     use rexprep::cuda::{driver_present, CudaPrep, DeviceFrame};
-    use rexprep::{prepare, resize_frame, Colorimetry, Frame, PixelFormat};
-    use serde_json::Value;
+    use rexprep::{prepare, resize_frame, Frame};
 
-    /// `REXPREP_FIXTURES` overrides the compile-time path, for a test binary copied to a GPU host.
-    fn dir() -> PathBuf {
-        match std::env::var_os("REXPREP_FIXTURES") {
-            Some(d) => PathBuf::from(d),
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/prep"),
+    /// `frame`'s layout over planes already uploaded to `dev`.
+    fn on_device<'a>(frame: &Frame, dev: &'a CudaSlice<u8>) -> DeviceFrame<'a> {
+        DeviceFrame {
+            width: frame.width,
+            height: frame.height,
+            format: frame.format,
+            data: dev,
+            strides: frame.strides,
+            offsets: frame.offsets,
+            colorimetry: frame.colorimetry,
+            chroma_site: frame.chroma_site,
         }
-    }
-
-    fn png_rgb(path: &Path) -> (u32, u32, Vec<u8>) {
-        let img = image::open(path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-            .to_rgb8();
-        (img.width(), img.height(), img.into_raw())
     }
 
     fn compare(cuda: &CudaPrep, name: &str, frame: &Frame) {
@@ -48,16 +50,7 @@ mod gpu {
             .fold(0f32, f32::max);
         let (cpu_resized, (w2, h2)) = resize_frame(frame).unwrap();
         let dev = cuda.stream().clone_htod(frame.data).unwrap();
-        let df = DeviceFrame {
-            width: frame.width,
-            height: frame.height,
-            format: frame.format,
-            data: &dev,
-            strides: frame.strides,
-            offsets: frame.offsets,
-            colorimetry: frame.colorimetry,
-        };
-        let r = cuda.resize_device(&df, w2, h2).unwrap();
+        let r = cuda.resize_device(&on_device(frame, &dev), w2, h2).unwrap();
         let gpu_resized = cuda.stream().clone_dtoh(&r).unwrap();
         let differing = gpu_resized
             .iter()
@@ -83,36 +76,15 @@ mod gpu {
                 return;
             }
         };
-        let m: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap())
-                .unwrap();
+        let m = manifest();
         for c in m["cases"].as_array().unwrap() {
             let name = c["case"].as_str().unwrap();
             let (w, h, rgb) = png_rgb(&dir().join(format!("{name}.png")));
             compare(&cuda, name, &Frame::rgb(w, h, &rgb));
         }
         for c in m["yuv"].as_array().unwrap() {
-            let file = c["file"].as_str().unwrap();
-            let data = std::fs::read(dir().join("yuv").join(file)).unwrap();
-            let arr3 = |k: &str| [0, 1, 2].map(|i| c[k][i].as_u64().unwrap() as usize);
-            let frame = Frame {
-                width: c["width"].as_u64().unwrap() as u32,
-                height: c["height"].as_u64().unwrap() as u32,
-                format: if c["format"] == "nv12" {
-                    PixelFormat::Nv12
-                } else {
-                    PixelFormat::I420
-                },
-                data: &data,
-                strides: arr3("strides"),
-                offsets: arr3("offsets"),
-                colorimetry: if c["colorimetry"] == "bt709" {
-                    Colorimetry::BT709
-                } else {
-                    Colorimetry::BT601
-                },
-            };
-            compare(&cuda, file, &frame);
+            let data = yuv_data(c);
+            compare(&cuda, c["file"].as_str().unwrap(), &yuv_frame(c, &data));
         }
 
         // Kernel time per 1080p frame: RGB and an NV12 frame of the same picture, already on the device.
@@ -124,15 +96,7 @@ mod gpu {
         ] {
             compare(&cuda, &format!("1080p {label}"), &frame);
             let dev = cuda.stream().clone_htod(frame.data).unwrap();
-            let df = DeviceFrame {
-                width: w,
-                height: h,
-                format: frame.format,
-                data: &dev,
-                strides: frame.strides,
-                offsets: frame.offsets,
-                colorimetry: frame.colorimetry,
-            };
+            let df = on_device(&frame, &dev);
             for _ in 0..5 {
                 cuda.prepare_device(&df).unwrap();
             }

@@ -104,7 +104,7 @@ impl LatestFrameSlot {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::ingest::frame::{Colorimetry, PixelFormat};
+    use crate::ingest::frame::{ChromaSite, Colorimetry, PixelFormat};
     use std::time::{Instant, SystemTime};
 
     pub(crate) fn frame(stream_index: usize, seq: u64) -> Frame {
@@ -122,6 +122,7 @@ pub(crate) mod tests {
             strides: [6, 0, 0],
             offsets: [0, 0, 0],
             colorimetry: Colorimetry::BT601,
+            chroma_site: ChromaSite::Centered,
         }
     }
 

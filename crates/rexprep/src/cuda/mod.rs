@@ -20,7 +20,9 @@ use cudarc::driver::{
 };
 
 use crate::resize::Coeffs;
-use crate::{normalize, smart_resize, Frame, PixelFormat, PrepError, Prepared, YuvToRgb};
+use crate::{
+    normalize, smart_resize, ChromaSite, Frame, PixelFormat, PrepError, Prepared, YuvToRgb,
+};
 
 static PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prep.ptx"));
 
@@ -46,11 +48,12 @@ pub fn driver_present() -> bool {
         .any(|n| unsafe { libloading::Library::new(*n) }.is_ok())
 }
 
-/// `#[repr(C)]` mirror of `struct YuvMatrix` in prep.cu, passed by value.
+/// `#[repr(C)]` mirror of `struct YuvMatrix` in prep.cu, passed by value: `YuvToRgb`'s five
+/// coefficients, then 1 for horizontally co-sited chroma.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct YuvMatrix([f32; 6]);
-// SAFETY: plain `#[repr(C)]` floats, same layout as the kernel's struct.
+struct YuvMatrix([i32; 6]);
+// SAFETY: plain `#[repr(C)]` ints, same layout as the kernel's struct.
 unsafe impl DeviceRepr for YuvMatrix {}
 
 /// Filter taps of one axis, uploaded.
@@ -70,6 +73,7 @@ pub struct DeviceFrame<'a> {
     pub strides: [usize; 3],
     pub offsets: [usize; 3],
     pub colorimetry: crate::Colorimetry,
+    pub chroma_site: ChromaSite,
 }
 
 /// `Prepared`, with `pixel_values` left on the device.
@@ -193,6 +197,7 @@ impl CudaPrep {
             strides: frame.strides,
             offsets: frame.offsets,
             colorimetry: frame.colorimetry,
+            chroma_site: frame.chroma_site,
         })
     }
 
@@ -237,7 +242,8 @@ impl CudaPrep {
             PixelFormat::Rgb => (None, f.offsets[0], f.strides[0]),
             PixelFormat::Nv12 | PixelFormat::I420 => {
                 let m = YuvToRgb::new(f.colorimetry);
-                let mat = YuvMatrix([m.y_off, m.y_mul, m.rv, m.gu, m.gv, m.bu]);
+                let cosited = i16::from(f.chroma_site == ChromaSite::HCosited);
+                let mat = YuvMatrix([m.y, m.rv, m.gu, m.gv, m.bu, cosited].map(i32::from));
                 // SAFETY: every pixel is written by the conversion kernel.
                 let mut out =
                     unsafe { self.stream.alloc::<u8>(w * h * 3) }.map_err(err("alloc rgb"))?;

@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime};
 use gstreamer as gst;
 use gstreamer_video as gst_video;
 
-pub use rexprep::{Colorimetry, PixelFormat};
+pub use rexprep::{ChromaSite, Colorimetry, PixelFormat};
 
 /// One decoded frame of one stream (design.md: `Frame { stream, seq, pts, captured_at, width,
 /// height, format, pixels }`).
@@ -40,6 +40,8 @@ pub struct Frame {
     pub offsets: [usize; 3],
     /// How to read YUV samples (from the caps; ignored for RGB).
     pub colorimetry: Colorimetry,
+    /// Where NV12 chroma samples sit (from the caps, as GStreamer interprets them; ignored otherwise).
+    pub chroma_site: ChromaSite,
 }
 
 /// Why a sample could not become a frame.
@@ -127,6 +129,7 @@ impl Frame {
             strides,
             offsets,
             colorimetry,
+            chroma_site: chroma_site_of(&info),
         })
     }
 
@@ -140,6 +143,7 @@ impl Frame {
             strides: self.strides,
             offsets: self.offsets,
             colorimetry: self.colorimetry,
+            chroma_site: self.chroma_site,
         }
     }
 }
@@ -162,4 +166,17 @@ fn colorimetry_of(info: &gst_video::VideoInfo) -> Colorimetry {
         _ => default.range,
     };
     Colorimetry { matrix, range }
+}
+
+/// The caps' chroma siting as `videoconvert` reads it: only the horizontal co-siting flag changes its
+/// NV12 upsampling (unknown counts as centred, like GStreamer).
+fn chroma_site_of(info: &gst_video::VideoInfo) -> ChromaSite {
+    if info
+        .chroma_site()
+        .contains(gst_video::VideoChromaSite::H_COSITED)
+    {
+        ChromaSite::HCosited
+    } else {
+        ChromaSite::Centered
+    }
 }
