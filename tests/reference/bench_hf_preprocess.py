@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Time the HF slow Qwen2VLImageProcessor (Rex-Omni's preprocessing, rex-omni-spec.md §1.1) on the images
-`cargo bench -p rexprep --bench prepare` uses, and print the same table (median ms/frame).
+`cargo bench -p rexprep --bench prepare` uses (median ms/frame), next to that benchmark's criterion medians
+when it has run, with the speed-up. scripts/bench-prep.sh runs both.
 
 Images: tests/fixtures/prep/astronaut_640x480.png, a 1280x720 PIL-BICUBIC resize of astronaut_1920x1080.png
 (what the Rust bench builds with its Pillow-exact resize), and astronaut_1920x1080.png.
 Pins: pillow==10.4.0, transformers==4.51.3 (tests/reference/requirements-prep.txt).
 
-Usage: /work/venv/bin/python tests/reference/bench_hf_preprocess.py [--rust-ms 640x480=1.2,1280x720=..]
+Usage: python tests/reference/bench_hf_preprocess.py [--criterion-dir target/criterion]
 """
 import argparse
+import json
 import os
 import statistics
 import time
@@ -33,24 +35,36 @@ def median_ms(fn, min_runs=5, budget_s=3.0):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rust-ms", default="", help="e.g. 640x480=1.3,1280x720=4.0,1920x1080=8.1 to print ratios")
+    default_dir = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(FIX, "..", "..", "..", "target")),
+                               "criterion")
+    ap.add_argument("--criterion-dir", default=default_dir,
+                    help="where `cargo bench -p rexprep --bench prepare` left its results (default: %(default)s)")
     args = ap.parse_args()
-    rust = dict(kv.split("=") for kv in args.rust_ms.split(",") if kv)
+
+    def rust_ms(kind, key):
+        """Criterion's median for prepare/<kind>/<key>, in ms, or None before the Rust bench has run."""
+        p = os.path.join(args.criterion_dir, "prepare", kind, key, "new", "estimates.json")
+        if not os.path.exists(p):
+            return None
+        with open(p) as f:
+            return json.load(f)["median"]["point_estimate"] / 1e6
+
     proc = Qwen2VLImageProcessor(min_pixels=16 * 28 * 28, max_pixels=2560 * 28 * 28)
     full = Image.open(os.path.join(FIX, "astronaut_1920x1080.png")).convert("RGB")
     images = [Image.open(os.path.join(FIX, "astronaut_640x480.png")).convert("RGB"),
               full.resize((1280, 720), Image.BICUBIC), full]
     print(f"pillow {PIL.__version__}, transformers {transformers.__version__}, slow Qwen2VLImageProcessor")
-    print("| input | resized | HF ms/frame | runs | rust ms/frame | speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| input | resized | HF ms/frame | runs | rexprep RGB ms/frame | speed-up | rexprep NV12 ms/frame |")
+    print("|---|---|---|---|---|---|---|")
     for img in images:
         out = proc(images=[img], return_tensors="np")
         g = out["image_grid_thw"][0]
         ms, n = median_ms(lambda: proc(images=[img], return_tensors="np"))
         key = f"{img.width}x{img.height}"
-        r = float(rust[key]) if key in rust else None
-        print(f"| {key} | {g[2] * 14}x{g[1] * 14} | {ms:.1f} | {n} | "
-              f"{'' if r is None else f'{r:.2f}'} | {'' if r is None else f'{ms / r:.1f}x'} |")
+        r, r_nv12 = rust_ms("rgb", key), rust_ms("nv12", key)
+        fmt = lambda v: "not run" if v is None else f"{v:.2f}"
+        print(f"| {key} | {g[2] * 14}x{g[1] * 14} | {ms:.1f} | {n} | {fmt(r)} | "
+              f"{'' if r is None else f'{ms / r:.1f}x'} | {fmt(r_nv12)} |")
 
 
 if __name__ == "__main__":
