@@ -1,4 +1,7 @@
-//! Readers for tests/fixtures/prep shared by the fixture and GPU tests.
+//! Readers for tests/fixtures/prep shared by the fixture, host-kernel and GPU tests.
+
+// Each test binary uses its own subset of these.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
