@@ -151,43 +151,63 @@ pub fn resize_rgb(
         dst_w as usize,
         dst_h as usize,
     );
-    let need_h = dw != sw;
-    let need_v = dh != sh;
-    if !need_h && !need_v {
-        let mut out = Vec::with_capacity(sw * sh * 3);
-        for y in 0..sh {
-            out.extend_from_slice(&src[y * src_stride..y * src_stride + sw * 3]);
+    let plan = ResizePlan::new(src_w, src_h, dst_w, dst_h);
+    match (&plan.horizontal, &plan.vertical) {
+        (None, None) => {
+            let mut out = Vec::with_capacity(sw * sh * 3);
+            for y in 0..sh {
+                out.extend_from_slice(&src[y * src_stride..y * src_stride + sw * 3]);
+            }
+            out
         }
-        return out;
-    }
-    let vert = need_v.then(|| Coeffs::cached(src_h, dst_h));
-    // Rows the vertical pass reads (Pillow's ybox_first .. ybox_last).
-    let (row0, row1) = match &vert {
-        Some(v) => (
-            v.start[0] as usize,
-            (v.start[dh - 1] + v.count[dh - 1]) as usize,
-        ),
-        None => (0, sh),
-    };
-    if !need_v {
         // Horizontal only: straight into the output.
-        let horiz = Coeffs::cached(src_w, dst_w);
-        let mut out = vec![0u8; dw * 3 * sh];
-        horizontal(src, src_stride, 0..sh, &horiz, &mut out);
-        return out;
+        (Some(horiz), None) => {
+            let mut out = vec![0u8; dw * 3 * sh];
+            horizontal(src, src_stride, plan.rows, horiz, &mut out);
+            out
+        }
+        (Some(horiz), Some(vert)) => {
+            let mut tmp = vec![0u8; dw * 3 * plan.rows.len()];
+            horizontal(src, src_stride, plan.rows.clone(), horiz, &mut tmp);
+            let mut out = vec![0u8; dw * 3 * dh];
+            vertical(&tmp, dw * 3, plan.rows.start, vert, &mut out, dw * 3);
+            out
+        }
+        (None, Some(vert)) => {
+            let mut out = vec![0u8; sw * 3 * dh];
+            vertical(src, src_stride, 0, vert, &mut out, sw * 3);
+            out
+        }
     }
-    let vert = vert.expect("need_v implies coefficients");
-    if need_h {
-        let horiz = Coeffs::cached(src_w, dst_w);
-        let mut tmp = vec![0u8; dw * 3 * (row1 - row0)];
-        horizontal(src, src_stride, row0..row1, &horiz, &mut tmp);
-        let mut out = vec![0u8; dw * 3 * dh];
-        vertical(&tmp, dw * 3, row0, &vert, &mut out, dw * 3);
-        out
-    } else {
-        let mut out = vec![0u8; sw * 3 * dh];
-        vertical(src, src_stride, 0, &vert, &mut out, sw * 3);
-        out
+}
+
+/// Which passes a resize runs, and the source rows the vertical pass reads (Pillow's `ybox_first ..
+/// ybox_last`), which are the only rows the horizontal pass produces. One plan for the CPU path and the
+/// CUDA launches, so both read the same rows.
+pub struct ResizePlan {
+    /// Taps of the horizontal pass; `None` when the width does not change.
+    pub horizontal: Option<Arc<Coeffs>>,
+    /// Taps of the vertical pass; `None` when the height does not change.
+    pub vertical: Option<Arc<Coeffs>>,
+    /// Source rows the horizontal pass produces (all rows without a vertical pass).
+    pub rows: std::ops::Range<usize>,
+}
+
+impl ResizePlan {
+    pub fn new(src_w: u32, src_h: u32, dst_w: u32, dst_h: u32) -> ResizePlan {
+        let vertical = (dst_h != src_h).then(|| Coeffs::cached(src_h, dst_h));
+        let rows = match &vertical {
+            Some(v) => {
+                let last = dst_h as usize - 1;
+                v.start[0] as usize..(v.start[last] + v.count[last]) as usize
+            }
+            None => 0..src_h as usize,
+        };
+        ResizePlan {
+            horizontal: (dst_w != src_w).then(|| Coeffs::cached(src_w, dst_w)),
+            vertical,
+            rows,
+        }
     }
 }
 

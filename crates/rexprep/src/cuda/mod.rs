@@ -20,6 +20,7 @@ use cudarc::driver::{
 };
 
 use crate::resize::Coeffs;
+use crate::resize::ResizePlan;
 use crate::{
     normalize, smart_resize, ChromaSite, Frame, PixelFormat, PrepError, Prepared, YuvToRgb,
 };
@@ -272,9 +273,10 @@ impl CudaPrep {
             None => f.data.slice(rgb_off..),
         };
         let (dw, dh) = (w2 as usize, h2 as usize);
-        let (need_h, need_v) = (dw != w, dh != h);
-        if !need_h && !need_v {
+        let plan = ResizePlan::new(f.width, f.height, w2, h2);
+        if plan.horizontal.is_none() && plan.vertical.is_none() {
             // Pillow returns a copy; compact the rows.
+            // SAFETY: every byte is written by the row copies below.
             let mut out =
                 unsafe { self.stream.alloc::<u8>(w * h * 3) }.map_err(err("alloc resized"))?;
             for y in 0..h {
@@ -285,28 +287,16 @@ impl CudaPrep {
             }
             return Ok(out);
         }
-        let vert = if need_v {
-            Some(self.coeffs(f.height, h2)?)
-        } else {
-            None
-        };
-        let (row0, row1) = match &vert {
-            Some(v) => (
-                v.host.start[0] as usize,
-                (v.host.start[dh - 1] + v.host.count[dh - 1]) as usize,
-            ),
-            None => (0, h),
-        };
-        // Horizontal pass over the rows the vertical pass reads (Pillow's ybox), or the identity.
-        let (mid, mid_stride, mid_row0) = if need_h {
+        // Horizontal pass over the rows the vertical pass reads (the plan's rows), or the identity.
+        let (mid, mid_stride, mid_row0) = if plan.horizontal.is_some() {
             let hc = self.coeffs(f.width, w2)?;
-            let rows = row1 - row0;
+            let rows = plan.rows.len();
             // SAFETY: every byte is written by resize_h.
             let mut tmp =
                 unsafe { self.stream.alloc::<u8>(dw * 3 * rows) }.map_err(err("alloc tmp"))?;
             let (s_i, r0, rows_i, dw_i, k_i) = (
                 rgb_stride as i32,
-                row0 as i32,
+                plan.rows.start as i32,
                 rows as i32,
                 dw as i32,
                 hc.host.ksize as i32,
@@ -321,14 +311,14 @@ impl CudaPrep {
             b.arg(&hc.start).arg(&hc.count).arg(&hc.weights).arg(&k_i);
             // SAFETY: arguments match `resize_h`; taps stay inside the source rows by construction.
             unsafe { b.launch(grid_2d(dw, rows)) }.map_err(err("launch resize_h"))?;
-            if !need_v {
+            if plan.vertical.is_none() {
                 return Ok(tmp);
             }
-            (Some(tmp), dw * 3, row0)
+            (Some(tmp), dw * 3, plan.rows.start)
         } else {
             (None, rgb_stride, 0)
         };
-        let vc = vert.expect("need_v here");
+        let vc = self.coeffs(f.height, h2)?;
         let row_bytes = dw * 3;
         // SAFETY: every byte is written by resize_v.
         let mut out =
