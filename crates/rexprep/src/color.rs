@@ -79,7 +79,7 @@ impl YuvToRgb {
 }
 
 /// ORC `subb x, c128` then `splatbw`: the sample minus 128 as a signed byte, copied into both bytes of a
-/// 16-bit word (so ±1 in the byte is ±257 in the word).
+/// 16-bit word (a word of about 257 × the signed byte).
 #[inline]
 fn splat(sample: u8) -> i16 {
     let b = sample ^ 0x80; // the bit pattern of (sample − 128) as i8
@@ -142,7 +142,7 @@ pub fn yuv_to_rgb(frame: &Frame) -> Vec<u8> {
 /// a pair takes 3/4 of its own chroma row and 1/4 of the next, the second 1/4 of the previous and 3/4
 /// of its own.
 #[inline]
-pub fn chroma_rows(y: usize, h: usize) -> ((usize, u16), (usize, u16)) {
+fn chroma_rows(y: usize, h: usize) -> ((usize, u16), (usize, u16)) {
     if y % 2 == 1 {
         ((y / 2, 3), ((y + 1).min(h - 1) / 2, 1))
     } else {
@@ -170,7 +170,7 @@ fn nv12_wide_chroma(frame: &Frame) -> Vec<u8> {
 /// Component `c` (0 = U, 1 = V) of full-width chroma sample `x` from one interleaved half-width row.
 /// The last column of an even width keeps its nearest sample: GStreamer's loops stop one short.
 #[inline]
-pub fn upsample_h(src: &[u8], x: usize, w: usize, c: usize, site: ChromaSite) -> u8 {
+fn upsample_h(src: &[u8], x: usize, w: usize, c: usize, site: ChromaSite) -> u8 {
     let at = |k: usize| src[2 * k + c] as u16;
     if x == 0 || x == w - 1 && x % 2 == 1 {
         return at(x / 2) as u8;
@@ -188,7 +188,8 @@ pub fn upsample_h(src: &[u8], x: usize, w: usize, c: usize, site: ChromaSite) ->
 mod tests {
     use super::*;
 
-    /// The integer matrices `GST_DEBUG=video-converter:7` prints for NV12 → RGB (rows of `im`).
+    /// The integer matrices `GST_DEBUG=video-converter:7` prints for NV12 → RGB (rows of `im`; its 4th
+    /// column, the range offset, is what the ORC kernels leave out).
     #[test]
     fn matrices_equal_videoconvert() {
         let m = |c| {
