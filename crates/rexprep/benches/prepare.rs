@@ -58,9 +58,9 @@ fn bench_prepare(c: &mut Criterion) {
     ];
     let mut group = c.benchmark_group("prepare");
     group
-        .sample_size(20)
+        .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+        .measurement_time(Duration::from_secs(5));
     for (w, h, rgb) in &images {
         let size = format!("{w}x{h}");
         let frame = Frame::rgb(*w, *h, rgb);
