@@ -87,10 +87,9 @@ fn bad_configs(rtsp_ok: &str) -> Vec<BadConfig> {
         },
         BadConfig {
             name: "unset_password_env",
-            text: format!(
-                "[[streams]]\nname = \"cam\"\nuri = \"rtsp://admin:${{REXSTREAM_E2E_NOT_SET_42}}@127.0.0.1/x\"\n\
+            text: "[[streams]]\nname = \"cam\"\nuri = \"rtsp://admin:${REXSTREAM_E2E_NOT_SET_42}@127.0.0.1/x\"\n\
                  categories = [\"x\"]\n"
-            ),
+                .to_string(),
             expect: &["streams[0].uri", "REXSTREAM_E2E_NOT_SET_42"],
         },
         BadConfig {

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rexomni::engine::{generate, GenerateParams, GenerateRequest};
 use rexomni::model::{Config, KvCache, Qwen25Vl};
 use rexomni::protocol::{RexTokenizer, Task, TaskPrompt};
+use rexprep::tensor::TensorPrep;
 use serde::Serialize;
 
 pub struct Plan {
@@ -35,6 +36,8 @@ pub struct Report {
     pub prompt_tokens: usize,
     pub parameters: usize,
     pub weight_bytes: usize,
+    /// `cpu` or `cuda` (rexprep's kernels).
+    pub preprocess_path: String,
     pub preprocess_ms: f64,
     pub vision_ms: f64,
     pub prefill_ms: f64,
@@ -79,19 +82,20 @@ pub fn run(
     let rgb = test_frame(w, h);
     let frame = rexprep::Frame::rgb(w, h, &rgb);
 
+    // The worker's preprocessing: rexprep's CUDA kernels on the model's stream on a GPU, else the CPU path.
+    let prep = TensorPrep::new(model.device());
     let preprocess = time_it(plan.iters, || {
-        rexprep::prepare(&frame)?;
+        prep.prepare(&frame)?;
         Ok(())
     })?;
-    let prepared = rexprep::prepare(&frame)?;
+    let prepared = prep.prepare(&frame)?;
     let grid = prepared.grid_thw;
-    let n = grid[1] * grid[2];
     let dev = model.device().clone();
-    let pixel_values = Tensor::from_vec(prepared.pixel_values.clone(), (n, 1176), &dev)?;
+    let pixel_values = prepared.pixel_values.clone();
 
     let prompt = TaskPrompt::new(Task::Detection, &["person", "car", "bicycle", "dog"]);
     let ids = tokenizer
-        .encode_chat(&prompt, w, h, prepared.num_image_tokens())
+        .encode_chat(&prompt, w, h, prepared.num_image_tokens)
         .context("encoding the benchmark prompt")?;
 
     let vision = time_it(plan.iters, || {
@@ -138,9 +142,9 @@ pub fn run(
         let t = Instant::now();
         let requests = (0..c)
             .map(|_| {
-                let p = rexprep::prepare(&frame)?;
+                let p = prep.prepare(&frame)?;
                 Ok(GenerateRequest {
-                    pixel_values: Tensor::from_vec(p.pixel_values, (n, 1176), &dev)?,
+                    pixel_values: p.pixel_values,
                     grid_thw: p.grid_thw,
                     prompt_ids: ids.clone(),
                 })
@@ -173,10 +177,11 @@ pub fn run(
         dtype: dtype_name.to_string(),
         image_size: plan.image_size,
         resized_size: prepared.resized,
-        image_tokens: prepared.num_image_tokens(),
+        image_tokens: prepared.num_image_tokens,
         prompt_tokens: ids.len(),
         parameters,
         weight_bytes: parameters * bytes_per,
+        preprocess_path: prep.path().to_string(),
         preprocess_ms: preprocess.as_secs_f64() * 1e3,
         vision_ms: vision.as_secs_f64() * 1e3,
         prefill_ms: prefill_s * 1e3,
@@ -207,7 +212,8 @@ impl Report {
         s += &format!("{:<28}{:>12}\n", "stage", "value");
         s += &format!(
             "{:<28}{:>12.2} ms/frame\n",
-            "preprocess (CPU)", self.preprocess_ms
+            format!("preprocess ({})", self.preprocess_path),
+            self.preprocess_ms
         );
         s += &format!("{:<28}{:>12.2} ms/image\n", "vision", self.vision_ms);
         s += &format!(

@@ -42,6 +42,11 @@ pub enum PrepError {
         min: usize,
     },
 
+    /// The prepared values could not become a tensor on the engine's device.
+    #[cfg(feature = "candle")]
+    #[error("pixel_values tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+
     /// The CUDA path failed after it was selected (driver call, kernel load or launch).
     #[cfg(feature = "cuda")]
     #[error("cuda preprocessing: {stage}: {message}")]

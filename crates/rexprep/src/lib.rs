@@ -9,6 +9,8 @@
 //! - `normalize`: CLIP rescale + normalise as a lookup table (spec §1.5).
 //! - `patchify`: temporal duplication and 2×2 merge-group patch order (spec §1.6).
 //! - `cuda` (feature `cuda`): the same computation as CUDA kernels on device buffers.
+//! - `tensor` (feature `candle`): a frame → `pixel_values` as a candle tensor on the engine's device,
+//!   through the CUDA kernels on a GPU (the values never visit the host) or the CPU path.
 //!
 //! [`prepare`] is the CPU reference path; it runs on the calling thread (the detector worker).
 
@@ -22,6 +24,8 @@ mod smart_resize;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "candle")]
+pub mod tensor;
 
 pub use color::{yuv_to_rgb, YuvToRgb};
 pub use error::PrepError;
@@ -44,7 +48,7 @@ pub struct Prepared {
 impl Prepared {
     /// `<|image_pad|>` copies in the prompt: t·gh·gw / 4 (spec §1.6).
     pub fn num_image_tokens(&self) -> usize {
-        self.grid_thw.iter().product::<usize>() / (patchify::MERGE * patchify::MERGE)
+        patchify::num_image_tokens(self.grid_thw)
     }
 }
 

@@ -16,6 +16,12 @@ pub const TEMPORAL: usize = 2;
 /// Values per row of `pixel_values`: 3 · 2 · 14 · 14.
 pub const ROW: usize = 3 * TEMPORAL * PATCH * PATCH;
 
+/// `<|image_pad|>` copies in the prompt for a `grid_thw`: t·gh·gw / 4, one per 2×2 merge group
+/// (spec §1.6).
+pub fn num_image_tokens(grid_thw: [usize; 3]) -> usize {
+    grid_thw.iter().product::<usize>() / (MERGE * MERGE)
+}
+
 /// Patchify a packed RGB image whose sides are multiples of 28.
 ///
 /// # Panics

@@ -1,7 +1,7 @@
 //! The CUDA kernels against the CPU reference path on the committed fixtures (RGB and NV12/I420), plus the
-//! kernel time per 1080p frame. Needs `--features cuda` and a GPU; otherwise it says it was skipped.
+//! kernel time per 1080p frame. Needs `--features cuda,candle` and a GPU; otherwise it says it was skipped.
 //! On a GPU host without Rust: build here with
-//! `cargo test -p rexprep --features cuda --test cuda_vs_cpu --no-run`, copy the binary and
+//! `cargo test -p rexprep --features cuda,candle --test cuda_vs_cpu --no-run`, copy the binary and
 //! tests/fixtures/prep, run it with `REXPREP_FIXTURES=<that folder> <binary> --nocapture`.
 
 #[cfg(feature = "cuda")]
@@ -144,25 +144,44 @@ mod gpu {
     }
 }
 
-/// Without a driver, selection must fall back to the CPU path instead of letting cudarc panic; with one,
-/// both paths give the same `Prepared`.
+/// Without a driver, building the kernels is an error that says so, never cudarc's panic.
 #[cfg(feature = "cuda")]
 #[test]
-fn select_never_panics_and_agrees_with_cpu() {
-    use rexprep::cuda::{driver_present, Preprocessor};
-    let p = Preprocessor::select(0);
+fn no_driver_is_an_error_not_a_panic() {
+    use rexprep::cuda::{driver_present, CudaPrep};
+    let built = CudaPrep::new(0);
     if !driver_present() {
-        assert!(
-            matches!(p, Preprocessor::Cpu),
-            "no driver must mean the CPU path"
-        );
+        let e = built.err().expect("no driver must be an error");
+        assert!(e.to_string().contains("driver"), "{e}");
     }
+}
+
+/// The worker's path on a GPU: kernels on candle's stream, pixel_values wrapped as a device tensor, equal
+/// to the CPU path's values.
+#[cfg(all(feature = "cuda", feature = "candle"))]
+#[test]
+fn device_tensor_matches_cpu() {
+    use candle_core::Device;
+    use rexprep::tensor::TensorPrep;
+    if !rexprep::cuda::driver_present() {
+        println!("SKIPPED device_tensor_matches_cpu: no NVIDIA driver (libcuda) on this host.");
+        return;
+    }
+    let device = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("SKIPPED device_tensor_matches_cpu: no usable device: {e}");
+            return;
+        }
+    };
+    let prep = TensorPrep::new(&device);
+    assert_eq!(prep.path(), "cuda");
     let rgb: Vec<u8> = (0..97 * 61 * 3).map(|i| (i * 7 % 256) as u8).collect();
     let frame = rexprep::Frame::rgb(97, 61, &rgb);
-    let a = p.prepare_host(&frame).unwrap();
-    let b = rexprep::prepare(&frame).unwrap();
-    assert_eq!(a.grid_thw, b.grid_thw);
-    assert_eq!(a.pixel_values, b.pixel_values);
-    // A second selection does not log again (OnceLock) and still works.
-    assert!(Preprocessor::select(0).prepare_host(&frame).is_ok());
+    let t = prep.prepare(&frame).unwrap();
+    let cpu = rexprep::prepare(&frame).unwrap();
+    assert_eq!(t.grid_thw, cpu.grid_thw);
+    let values: Vec<f32> = t.pixel_values.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(values, cpu.pixel_values);
+    println!("device_tensor_matches_cpu: {} values equal", values.len());
 }

@@ -14,9 +14,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rexomni::engine::{GenerateParams, GenerateRequest, LoadOptions, RexOmni};
 use rexomni::protocol::{parse_ids, Geometry, Task, TaskPrompt};
+use rexprep::tensor::TensorPrep;
 use serde_json::json;
 
 #[derive(Debug, clap::Args)]
@@ -129,24 +130,20 @@ pub fn run(args: DetectArgs) -> Result<()> {
     .with_context(|| format!("loading model {}", args.model))?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
-    let t_prep = Instant::now();
     let img = image::open(&args.image)
         .with_context(|| format!("--image {}", args.image.display()))?
         .to_rgb8();
     let (w, h) = img.dimensions();
     let frame = rexprep::Frame::rgb(w, h, img.as_raw());
-    let prep = rexprep::prepare(&frame)
+    let preparer = TensorPrep::new(model.device());
+    let t_prep = Instant::now();
+    let prep = preparer
+        .prepare(&frame)
         .with_context(|| format!("--image {}: preprocessing", args.image.display()))?;
     let ids = model
         .tokenizer()
-        .encode_chat(&prompt, w, h, prep.num_image_tokens())
+        .encode_chat(&prompt, w, h, prep.num_image_tokens)
         .context("prompt")?;
-    let n = prep.grid_thw.iter().product::<usize>();
-    let pixel_values = Tensor::from_vec(
-        prep.pixel_values.clone(),
-        (n, prep.pixel_values.len() / n.max(1)),
-        &Device::Cpu,
-    )?;
     let prep_ms = t_prep.elapsed().as_secs_f64() * 1e3;
 
     let params = GenerateParams {
@@ -155,7 +152,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
         top_logprobs: args.top_logprobs,
     };
     let req = GenerateRequest {
-        pixel_values,
+        pixel_values: prep.pixel_values,
         grid_thw: prep.grid_thw,
         prompt_ids: ids.clone(),
     };

@@ -3,8 +3,9 @@
 //!
 //! In: [`Batch`]es from the scheduler (it sends one credit per batch it is ready for, so the
 //! scheduler picks the newest frames at that moment). Out: one [`DetectionsDocument`] per frame,
-//! handed to [`Sinks::publish`] (never blocks), plus stage metrics. Per batch: rexprep::prepare →
-//! `pixel_values` tensor → chat prompt ids with the stream's prompt in force (read from the
+//! handed to [`Sinks::publish`] (never blocks), plus stage metrics. Per batch: rexprep's `TensorPrep`
+//! (CUDA kernels on the engine's stream on a GPU, the CPU path otherwise) → `pixel_values` tensor on the
+//! engine's device → chat prompt ids with the stream's prompt in force (read from the
 //! [`PromptTable`] per frame, so an MQTT prompt change applies from the next frame) →
 //! `RexOmni::generate` (vision, prefill, batched decode) → decode ids → `parse_output` in
 //! original-frame pixels (rex-omni-spec.md §5.3–5.4).
@@ -18,9 +19,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rexomni::engine::{GenerateParams, GenerateRequest, LoadOptions, RexOmni};
 use rexomni::protocol::{parse_ids, TaskPrompt};
+use rexprep::tensor::TensorPrep;
 use tracing::{debug, error, info, warn};
 
 use rexstream::config::ModelConfig;
@@ -31,8 +33,6 @@ use rexstream::scheduler::Batch;
 use rexstream::sinks::prompts::PromptTable;
 use rexstream::sinks::Sinks;
 
-/// Pixel values per patch row: 3 channels × temporal 2 × 14 × 14 (spec §1.6).
-const PATCH_DIM: usize = 1176;
 /// At most one "batch failed" log line per this interval: a broken device fails every batch.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -115,7 +115,8 @@ pub fn spawn(
             match loaded {
                 Ok(engine) => {
                     let _ = ready_tx.send(Ok(()));
-                    Worker { engine, ctx, last_error_log: None }.run(credits, batches);
+                    let prep = TensorPrep::new(engine.device());
+                    Worker { engine, prep, ctx, last_error_log: None }.run(credits, batches);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -138,6 +139,8 @@ pub fn spawn(
 
 struct Worker {
     engine: RexOmni,
+    /// Frames → pixel_values on the engine's device (CUDA kernels on a GPU).
+    prep: TensorPrep,
     ctx: WorkerContext,
     last_error_log: Option<Instant>,
 }
@@ -280,20 +283,16 @@ impl Worker {
 
     /// Frame + prompt → one generate request (preprocess and prompt ids).
     fn request(&self, frame: &Frame, prompt: &TaskPrompt) -> anyhow::Result<GenerateRequest> {
-        let prepared = rexprep::prepare(&frame.as_prep())?;
-        let (num_image_tokens, grid_thw) = (prepared.num_image_tokens(), prepared.grid_thw);
-        let n = prepared.pixel_values.len() / PATCH_DIM;
-        let pixel_values =
-            Tensor::from_vec(prepared.pixel_values, (n, PATCH_DIM), self.engine.device())?;
+        let prepared = self.prep.prepare(&frame.as_prep())?;
         let prompt_ids = self.engine.tokenizer().encode_chat(
             prompt,
             frame.width,
             frame.height,
-            num_image_tokens,
+            prepared.num_image_tokens,
         )?;
         Ok(GenerateRequest {
-            pixel_values,
-            grid_thw,
+            pixel_values: prepared.pixel_values,
+            grid_thw: prepared.grid_thw,
             prompt_ids,
         })
     }

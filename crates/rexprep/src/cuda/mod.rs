@@ -4,15 +4,17 @@
 //! ([`DeviceFrame`]). Out: [`CudaPrepared`], whose `pixel_values` is a `CudaSlice<f32>` [N, 1176] on the
 //! same context and stream, ready to become a candle tensor for the vision tower: no host round trip.
 //! Kernels: kernels/prep.cu, compiled to PTX by build.rs and loaded here. Resize is the same fixed-point
-//! integer arithmetic as `resize`, colour conversion the same float ops (nvcc `-fmad=false`), normalise
-//! the same lookup table: the output equals the CPU path (tests/cuda_vs_cpu.rs).
+//! integer arithmetic as `resize`, colour conversion the same integer ops as `yuv_to_rgb`, normalise the
+//! same lookup table: the output equals the CPU path (tests/kernels_on_host.rs on every run,
+//! tests/cuda_vs_cpu.rs on a GPU host).
 //!
-//! Runs on the detector worker thread that owns the device. [`Preprocessor::select`] decides once per
-//! process between this and the CPU path and logs the choice; it never lets cudarc's missing-driver panic
-//! through (cudarc's `CudaContext::new` panics when libcuda cannot be loaded, build-env.md).
+//! Runs on the detector worker thread that owns the device; `crate::tensor` (feature `candle`) puts it on
+//! candle's stream and chooses between it and the CPU path. [`CudaPrep::new`] never lets cudarc's
+//! missing-driver panic through (cudarc's `CudaContext::new` panics when libcuda cannot be loaded,
+//! build-env.md).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
@@ -22,7 +24,7 @@ use cudarc::driver::{
 use crate::resize::Coeffs;
 use crate::resize::ResizePlan;
 use crate::{
-    normalize, smart_resize, ChromaSite, Frame, PixelFormat, PrepError, Prepared, YuvToRgb,
+    normalize, patchify, smart_resize, ChromaSite, Frame, PixelFormat, PrepError, YuvToRgb,
 };
 
 static PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prep.ptx"));
@@ -87,7 +89,7 @@ pub struct CudaPrepared {
 
 impl CudaPrepared {
     pub fn num_image_tokens(&self) -> usize {
-        self.grid_thw.iter().product::<usize>() / 4
+        patchify::num_image_tokens(self.grid_thw)
     }
 }
 
@@ -345,51 +347,5 @@ impl CudaPrep {
         // SAFETY: arguments match `resize_v`.
         unsafe { b.launch(grid_2d(row_bytes, dh)) }.map_err(err("launch resize_v"))?;
         Ok(out)
-    }
-}
-
-/// Which path prepares frames in this process.
-pub enum Preprocessor {
-    Cuda(Box<CudaPrep>),
-    Cpu,
-}
-
-impl Preprocessor {
-    /// CUDA on device `ordinal` when a driver and device are there, else the CPU path. The choice is logged
-    /// once per process (the first call), at INFO.
-    pub fn select(ordinal: usize) -> Preprocessor {
-        static LOGGED: OnceLock<()> = OnceLock::new();
-        let (p, why) = match CudaPrep::new(ordinal) {
-            Ok(c) => (
-                Preprocessor::Cuda(Box::new(c)),
-                String::from("CUDA kernels"),
-            ),
-            Err(e) => (Preprocessor::Cpu, format!("CPU reference path ({e})")),
-        };
-        LOGGED.get_or_init(
-            || tracing::info!(message = "Preprocessing path selected.", path = %why, ordinal),
-        );
-        p
-    }
-
-    /// CPU path: `prepare`; CUDA path: kernels, then `pixel_values` copied back to the host. The worker
-    /// should use `CudaPrep::prepare` directly to keep the values on the device; this is for comparison.
-    pub fn prepare_host(&self, frame: &Frame) -> Result<Prepared, PrepError> {
-        match self {
-            Preprocessor::Cpu => crate::prepare(frame),
-            Preprocessor::Cuda(c) => {
-                let p = c.prepare(frame)?;
-                let pixel_values = c
-                    .stream
-                    .clone_dtoh(&p.pixel_values)
-                    .map_err(err("download"))?;
-                Ok(Prepared {
-                    pixel_values,
-                    grid_thw: p.grid_thw,
-                    resized: p.resized,
-                    original: p.original,
-                })
-            }
-        }
     }
 }
