@@ -3,8 +3,8 @@
 //! In: an image file, a task with its inputs (categories, keypoint type, visual-prompt boxes), a model source.
 //! Out (stdout): `{"model", "task", "image_size", "resized_size", "grid_thw", "prompt_tokens", "detections",
 //! "raw_output", "output_token_ids", "output_logprobs", "stopped_on_eos", "timings_ms", "top_logprobs"?}`.
-//! Runs on the main thread: decode image → `rexprep::prepare` → `RexTokenizer::encode_chat` →
-//! `RexOmni::generate` → `protocol::parse_ids`.
+//! Runs on the main thread: decode image → `rexprep::tensor::TensorPrep` (CUDA kernels on a GPU) →
+//! `RexTokenizer::encode_chat` → `RexOmni::generate` → `protocol::parse_ids`.
 //!
 //! `score` of a detection is `exp(mean logprob)` of its coordinate tokens, the logprobs taken from the model's
 //! distribution BEFORE the repetition penalty (`rexomni::protocol::shape_score`): the geometric-mean probability
