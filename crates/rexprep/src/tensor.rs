@@ -73,8 +73,8 @@ impl TensorPrep {
     pub fn prepare(&self, frame: &Frame) -> Result<PreparedTensor, PrepError> {
         #[cfg(feature = "cuda")]
         if let Some((kernels, dev)) = &self.cuda {
-            use candle_core::op::BackpropOp;
             use candle_core::cuda_backend::CudaStorage;
+            use candle_core::op::BackpropOp;
             let p = kernels.prepare(frame)?;
             kernels
                 .stream()
