@@ -1,6 +1,6 @@
 //! Shared helpers for the model tests: fixture paths, the committed test cases (tests/fixtures/tiny-cases),
-//! the transformers references (tests/fixtures/tiny-*/reference.safetensors) and a numpy-equivalent
-//! normalise + patchify (rex-omni-spec.md §1.5-1.6) of the stored resized images.
+//! the transformers references (tests/fixtures/tiny-*/reference.safetensors) and rexprep's normalise +
+//! patchify (rex-omni-spec.md §1.5-1.6) of the stored resized images, checked against the HF processor.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -52,7 +52,7 @@ pub fn cases() -> Vec<Case> {
             pixel_values: patchify(rgb),
         });
     }
-    // The helper must reproduce the HF processor's case 0 exactly.
+    // rexprep must reproduce the HF processor's case 0 exactly.
     let d = (&out[0].pixel_values - &t["case0.pixel_values"])
         .unwrap()
         .abs()
@@ -62,40 +62,18 @@ pub fn cases() -> Vec<Case> {
     assert_eq!(
         d.to_scalar::<f32>().unwrap(),
         0.0,
-        "patchify helper differs from the HF processor"
+        "rexprep patchify differs from the HF processor"
     );
     out
 }
 
-/// `[H, W, 3]` u8 → `[gh·gw, 1176]` f32 (f64 rescale, f32 normalise, T=2, merge-group rows).
+/// `[H, W, 3]` u8 → `[gh·gw, 1176]` f32 through rexprep's normalise + patchify (the detector's own code).
 pub fn patchify(rgb: &Tensor) -> Tensor {
     let (h, w, _) = rgb.dims3().unwrap();
     let px = rgb.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let mean = [0.48145466f32, 0.4578275, 0.40821073];
-    let std = [0.26862954f32, 0.26130258, 0.27577711];
-    let (gh, gw) = (h / 14, w / 14);
-    let mut out = Vec::with_capacity(gh * gw * 1176);
-    for bh in 0..gh / 2 {
-        for bw in 0..gw / 2 {
-            for mh in 0..2 {
-                for mw in 0..2 {
-                    let (r, c) = (2 * bh + mh, 2 * bw + mw);
-                    for ch in 0..3 {
-                        for _t in 0..2 {
-                            for py in 0..14 {
-                                for pxx in 0..14 {
-                                    let v = px[((r * 14 + py) * w + c * 14 + pxx) * 3 + ch];
-                                    let x = (v as f64 * (1.0 / 255.0)) as f32;
-                                    out.push((x - mean[ch]) / std[ch]);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Tensor::from_vec(out, (gh * gw, 1176), &Device::Cpu).unwrap()
+    let pv = rexprep::patchify::patchify(&px, w, h);
+    let rows = pv.len() / rexprep::patchify::ROW;
+    Tensor::from_vec(pv, (rows, rexprep::patchify::ROW), &Device::Cpu).unwrap()
 }
 
 pub fn reference(model: &str) -> HashMap<String, Tensor> {
