@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use model_support::*;
-use rexomni::engine::{GenerateParams, GenerateRequest, LoadOptions, RexOmni};
+use rexomni::engine::{GenerateParams, GenerateRequest, RexOmni};
 use rexomni::model::{Config, Qwen25Vl};
 use rexomni::protocol::{RexTokenizer, Task, TaskPrompt};
 
@@ -122,16 +122,6 @@ fn request(c: &Case) -> GenerateRequest {
     }
 }
 
-fn load(name: &str, dtype: DType) -> RexOmni {
-    let dir = fixtures().join(name);
-    RexOmni::load(&LoadOptions {
-        source: dir.display().to_string(),
-        device: Device::Cpu,
-        dtype,
-    })
-    .unwrap()
-}
-
 #[test]
 #[ignore]
 fn bf16_agreement_tiny() {
@@ -143,7 +133,7 @@ fn bf16_agreement_tiny() {
     };
     let (mut same, mut total, mut first_same) = (0usize, 0usize, 0usize);
     for name in MODELS {
-        let engine = load(name, DType::BF16);
+        let engine = load_engine(name, DType::BF16);
         let r = reference(name);
         for (i, c) in cases.iter().enumerate() {
             let emb = engine
@@ -151,14 +141,7 @@ fn bf16_agreement_tiny() {
                 .encode_image(&c.pixel_values, c.grid_thw)
                 .unwrap();
             let want = &r[&format!("case{i}.vision_embeds")];
-            let rel = max_abs_diff(&emb, want)
-                / want
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+            let rel = rel_diff(&emb, want);
             let out = engine.generate(&[request(c)], &params).unwrap().remove(0);
             let ids: Vec<u32> = r[&format!("case{i}.greedy_ids")]
                 .to_vec1::<i64>()
@@ -195,7 +178,7 @@ fn tiny_stage_times() {
         top_logprobs: 0,
     };
     for name in MODELS {
-        let engine = load(name, DType::F32);
+        let engine = load_engine(name, DType::F32);
         for (i, c) in cases.iter().enumerate() {
             let out = engine.generate(&[request(c)], &params).unwrap().remove(0);
             let t = out.timings;

@@ -5,9 +5,9 @@
 
 mod model_support;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use model_support::*;
-use rexomni::engine::{GenerateParams, GenerateRequest, LoadOptions, RexOmni};
+use rexomni::engine::{GenerateParams, GenerateRequest};
 
 fn request(c: &Case) -> GenerateRequest {
     GenerateRequest {
@@ -26,13 +26,7 @@ fn greedy_ids_match_transformers_and_batch_matches_singles() {
         top_logprobs: 5,
     };
     for name in MODELS {
-        let dir = fixtures().join(name);
-        let engine = RexOmni::load(&LoadOptions {
-            source: dir.display().to_string(),
-            device: Device::Cpu,
-            dtype: DType::F32,
-        })
-        .unwrap();
+        let engine = load_engine(name, DType::F32);
         let r = reference(name);
         let mut singles = Vec::new();
         for (i, c) in cases.iter().enumerate() {
@@ -127,13 +121,7 @@ fn greedy_ids_match_transformers_and_batch_matches_singles() {
 
 #[test]
 fn bad_requests_are_reported_with_their_index() {
-    let dir = fixtures().join("tiny-tied");
-    let engine = RexOmni::load(&LoadOptions {
-        source: dir.display().to_string(),
-        device: Device::Cpu,
-        dtype: DType::F32,
-    })
-    .unwrap();
+    let engine = load_engine("tiny-tied", DType::F32);
     let cases = cases();
     let mut bad = request(&cases[1]);
     bad.prompt_ids.retain(|&t| t != 151655); // no image pads for the image's embeddings

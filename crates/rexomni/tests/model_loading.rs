@@ -95,14 +95,7 @@ fn layout_b_single_file_and_nested_config_load_the_same_model() {
     // Half precisions load and run; their logits stay near the f32 ones (loose: random tiny weights).
     for dt in [DType::F16, DType::BF16] {
         let h = case0_last_logits(&src, dt);
-        let scale = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let rel = max_abs_diff(&h, &a) / scale;
+        let rel = rel_diff(&h, &a);
         eprintln!("{dt:?}: last logits max |Δ| / max |logit| = {rel:.4}");
         assert!(rel < 0.1, "{dt:?}: relative logit error {rel}");
     }
@@ -123,10 +116,7 @@ fn bad_folders_fail_naming_file_and_field() {
         ),
     )
     .unwrap();
-    let e = load_dir(&dst, &Device::Cpu, DType::F32)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_error(&dst);
     assert!(
         e.contains("config.json")
             && e.contains("rope_scaling.mrope_section")
@@ -135,10 +125,7 @@ fn bad_folders_fail_naming_file_and_field() {
     );
     // Good config, no weights.
     std::fs::write(dst.join("config.json"), &cfg).unwrap();
-    let e = load_dir(&dst, &Device::Cpu, DType::F32)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_error(&dst);
     assert!(e.contains("model.safetensors"), "{e}");
     // Index naming a missing shard.
     std::fs::copy(
@@ -146,10 +133,7 @@ fn bad_folders_fail_naming_file_and_field() {
         dst.join("model.safetensors.index.json"),
     )
     .unwrap();
-    let e = load_dir(&dst, &Device::Cpu, DType::F32)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_error(&dst);
     assert!(
         e.contains("model-00001-of-00002.safetensors") && e.contains("does not exist"),
         "{e}"
@@ -161,10 +145,7 @@ fn bad_folders_fail_naming_file_and_field() {
         cfg.replace("\"num_hidden_layers\"", "\"num_hidden_layerz\""),
     )
     .unwrap();
-    let e = load_dir(&dst, &Device::Cpu, DType::F32)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = load_error(&dst);
     assert!(
         e.contains("num_hidden_layers") && e.contains("missing"),
         "{e}"
@@ -187,4 +168,12 @@ fn hub_id_offline_error_says_how_to_use_a_local_folder() {
         "{e}"
     );
     std::fs::remove_dir_all(&cache).unwrap();
+}
+
+/// The error text of loading `dir`, which must fail.
+fn load_error(dir: &Path) -> String {
+    load_dir(dir, &Device::Cpu, DType::F32)
+        .err()
+        .expect("loading should fail")
+        .to_string()
 }

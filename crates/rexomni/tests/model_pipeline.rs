@@ -7,7 +7,7 @@ mod model_support;
 
 use candle_core::{DType, Device, Tensor};
 use model_support::*;
-use rexomni::engine::{GenerateParams, GenerateRequest, LoadOptions, RexOmni};
+use rexomni::engine::{GenerateParams, GenerateRequest};
 use rexomni::protocol::{Task, TaskPrompt};
 
 #[test]
@@ -17,13 +17,7 @@ fn image_file_to_greedy_ids_matches_transformers() {
         &std::fs::read_to_string(fixtures().join("tiny-cases/cases.json")).unwrap(),
     )
     .unwrap();
-    let dir = fixtures().join("tiny-tied");
-    let engine = RexOmni::load(&LoadOptions {
-        source: dir.display().to_string(),
-        device: Device::Cpu,
-        dtype: DType::F32,
-    })
-    .unwrap();
+    let engine = load_engine("tiny-tied", DType::F32);
     let r = reference("tiny-tied");
     let params = GenerateParams {
         max_new_tokens: 24,

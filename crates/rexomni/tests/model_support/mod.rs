@@ -104,4 +104,26 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// `max |a − want| / max |want|`: a difference relative to the reference's scale.
+pub fn rel_diff(a: &Tensor, want: &Tensor) -> f32 {
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    max_abs_diff(a, want) / scale
+}
+
+/// A tiny fixture checkpoint (tests/fixtures/<name>) as an engine on the CPU.
+pub fn load_engine(name: &str, dtype: DType) -> rexomni::engine::RexOmni {
+    rexomni::engine::RexOmni::load(&rexomni::engine::LoadOptions {
+        source: fixtures().join(name).display().to_string(),
+        device: Device::Cpu,
+        dtype,
+    })
+    .unwrap()
+}
+
 pub const MODELS: [&str; 2] = ["tiny-tied", "tiny-untied"];
