@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Compiles and links every CUDA code path without a GPU: candle's kernels (rexomni --features cuda), rexprep's
-# kernels (PTX built by nvcc), the rexstream binary and the rexbench binary. Nothing is run: the binaries are
-# linked against stub libraries (scripts/cuda-toolkit.sh) and need a real driver to start.
+# kernels (PTX built by nvcc), the rexstream binary, the rexbench binary, and rexprep's tests with
+# `--features cuda,candle` (tests/cuda_vs_cpu.rs: the GPU-vs-CPU comparison, otherwise never compiled).
+# Nothing is run: everything is linked against stub libraries (scripts/cuda-toolkit.sh) and needs a real
+# driver to start. On a GPU host, run the GPU tests with
+#   cargo test -p rexprep --features cuda,candle --test cuda_vs_cpu -- --include-ignored
 #
 #   scripts/cuda-build-check.sh          # ~10-15 min on 2 cores the first time
 #
@@ -15,4 +18,9 @@ cargo build -p rexstream -p rexbench --features rexstream/cuda,rexbench/cuda --b
 for bin in rexstream rexbench; do
   test -x "$CARGO_TARGET_DIR/debug/$bin" || { echo "cuda-build-check: $bin was not linked" >&2; exit 1; }
 done
-echo "cuda-build-check: rexstream and rexbench built and linked with --features cuda"
+# rexprep's test targets with the CUDA code compiled in (`--no-run`: they need a GPU to run).
+# The `Executable` line is this run's own (a stale binary in deps/ would not count).
+built=$(cargo test -p rexprep --features cuda,candle --tests --no-run 2>&1 | tee /dev/stderr)
+grep -q 'Executable tests/cuda_vs_cpu.rs' <<<"$built" \
+  || { echo "cuda-build-check: rexprep's cuda_vs_cpu test was not built" >&2; exit 1; }
+echo "cuda-build-check: rexstream and rexbench built and linked, rexprep's tests compiled, with --features cuda"

@@ -8,6 +8,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A missing or non-executable file fails the run, up front: a renamed rule test or a lost run bit must not
+# turn a check into a silent skip (issue 17 item 6). REXSTREAM_SKIP_CUDA_BUILD=1 is the one explicit opt-out.
+fail() { echo "test.sh: $*" >&2; exit 1; }
+[ -f deploy/prometheus/rules.yml ] || fail "deploy/prometheus/rules.yml is missing"
+rule_tests=(deploy/prometheus/*test*.yml)
+[ -f "${rule_tests[0]}" ] || fail "no deploy/prometheus/*test*.yml rule tests found"
+skip_cuda=${REXSTREAM_SKIP_CUDA_BUILD:-0}
+if [ "$skip_cuda" != 1 ]; then
+  [ -x scripts/cuda-build-check.sh ] || fail "scripts/cuda-build-check.sh is missing or not executable"
+fi
+
 scripts/setup.sh
 # shellcheck disable=SC1091
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
@@ -15,13 +26,14 @@ scripts/setup.sh
 echo "== cargo test --workspace"
 cargo test --workspace --no-fail-fast
 
-if [ -d deploy/prometheus ] && ls deploy/prometheus/*test*.yml >/dev/null 2>&1; then
-  echo "== promtool"
-  promtool check rules deploy/prometheus/rules.yml
-  for t in deploy/prometheus/*test*.yml; do promtool test rules "$t"; done
-fi
+echo "== promtool"
+command -v promtool >/dev/null || fail "promtool not found (scripts/setup.sh installs it)"
+promtool check rules deploy/prometheus/rules.yml
+for t in "${rule_tests[@]}"; do promtool test rules "$t"; done
 
-if [ "${REXSTREAM_SKIP_CUDA_BUILD:-0}" != 1 ] && [ -x scripts/cuda-build-check.sh ]; then
+if [ "$skip_cuda" = 1 ]; then
+  echo "== CUDA build check SKIPPED (REXSTREAM_SKIP_CUDA_BUILD=1)"
+else
   echo "== CUDA build check (no GPU needed)"
   scripts/cuda-build-check.sh
 fi
