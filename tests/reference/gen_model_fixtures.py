@@ -11,8 +11,8 @@ What goes out:
       slow-tokenizer files as symlinks to ../qwen-tokenizer/*, no tokenizer.json.
       reference.safetensors: float32 references computed by transformers 4.51.3 from the bf16-rounded weights.
   tests/fixtures/tiny-cases/cases.json + cases.safetensors: the test images (resized uint8 RGB as PIL 10.4
-      BICUBIC produced it), grid_thw, prompt ids, and case 0's float32 pixel_values (to check the Rust
-      normalise + patchify helper); case{i}.png: the original-size images.
+      BICUBIC produced it), grid_thw, prompt ids, and every case's float32 pixel_values as the HF processor made them;
+      case{i}.png: the original-size images.
 
 Run:  /work/venv/bin/python tests/reference/gen_model_fixtures.py   (CPU, ~1 min)
 """
@@ -369,7 +369,9 @@ def main():
         tensors[f"case{i}.prompt_ids"] = torch.tensor(ids, dtype=torch.int64)
         manifest.append(dict(original_size=[c["w"], c["h"]], resized_size=[c["rw"], c["rh"]], grid_thw=c["thw"],
                              categories=c["cats"], prompt=text, prompt_len=len(ids), image_tokens=n_img))
-    tensors["case0.pixel_values"] = cases[0]["pv"]
+        # The HF processor's own pixel_values for every case, so the Rust tests compare against HF, not
+        # against rexprep's patchify of the resized image (issue 17 item 7).
+        tensors[f"case{i}.pixel_values"] = c["pv"]
     save_file(tensors, str(case_dir / "cases.safetensors"))
     (case_dir / "cases.json").write_text(json.dumps({"cases": manifest}, indent=2) + "\n")
     for name, spec in CONFIGS.items():
