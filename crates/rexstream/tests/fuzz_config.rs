@@ -31,8 +31,8 @@ fn env(var: &str) -> Option<String> {
 }
 
 /// Parse and validate `text`; panics inside are the bug we hunt (proptest reports them with the
-/// shrunk input). Returns the error text, if rejected.
-fn check(text: &str) -> Option<String> {
+/// shrunk input). Returns the rejection, if any, after checking what every rejection must hold.
+fn check(text: &str) -> Option<ConfigError> {
     // The folder does not exist, so relative file uris resolve to missing files, deterministically.
     let file = Path::new("/nonexistent-rexstream-fuzz").join(FILE);
     let res = PipelineConfig::parse(text, FILE).and_then(|c| c.validate(&file, &env));
@@ -60,25 +60,85 @@ fn check(text: &str) -> Option<String> {
                 }
                 ConfigError::Invalid { errors, .. } => {
                     assert!(!errors.is_empty(), "Invalid with no field errors");
-                    // One entry per problem, each `file: field: why` (a value may itself hold a
-                    // newline, so entries are found by prefix, not by splitting lines).
                     let file = file.display().to_string();
                     assert!(
                         msg.starts_with(&file),
                         "error does not name the file: {msg}"
                     );
+                    // The field of each entry must be a path into the file (`streams[0].max_fps`),
+                    // not free text: checked on the field itself, not on the message built from it.
                     for (field, why) in errors.iter() {
+                        assert!(!why.is_empty(), "empty reason for {field:?}");
                         assert!(
-                            !field.is_empty() && !why.is_empty(),
-                            "empty field or reason"
+                            is_field_path(field),
+                            "{field:?} is not a config field path ({why})"
                         );
-                        let entry = format!("{file}: {field}: ");
-                        assert!(msg.contains(&entry), "{entry:?} missing from {msg}");
                     }
                 }
             }
-            Some(msg)
+            Some(e)
         }
+    }
+}
+
+/// `section[(\[N\])](.key[(\[N\])])*` with a known top-level section and snake_case keys.
+fn is_field_path(field: &str) -> bool {
+    const SECTIONS: &[&str] = &["model", "streams", "mqtt", "broker", "metrics", "jsonl"];
+    let mut parts = field.split('.');
+    let segment_ok = |seg: &str| {
+        let (name, index) = match seg.split_once('[') {
+            Some((n, rest)) => (n, Some(rest)),
+            None => (seg, None),
+        };
+        !name.is_empty()
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            && index.is_none_or(|i| {
+                i.strip_suffix(']')
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+    };
+    let first = parts.next().unwrap_or("");
+    let section = first.split('[').next().unwrap_or("");
+    SECTIONS.contains(&section) && segment_ok(first) && parts.all(segment_ok)
+}
+
+/// The field path `validate()` uses for `key` in `section` of the skeleton (one stream: index 0).
+fn field_path(section: &str, key: &str) -> String {
+    if section == "streams" {
+        format!("streams[0].{key}")
+    } else {
+        format!("{section}.{key}")
+    }
+}
+
+/// Fields whose value is checked together with another one, so a bad value may be reported on the
+/// partner: the password from `password_env` goes into the uri's `user@` part (a uri without one
+/// is reported on `password_env`); `reconnect_max_s < reconnect_min_s` is reported on the max; the
+/// categories are part of the prompt, reported on `task`.
+fn partner(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "streams[0].uri" => "streams[0].password_env",
+        "streams[0].reconnect_min_s" => "streams[0].reconnect_max_s",
+        "streams[0].categories" => "streams[0].task",
+        _ => return None,
+    })
+}
+
+/// Whether the rejection `e` names the field at `path`, whose `key = value` starts on `line`
+/// (1-based): a semantic error must carry that field path (or its partner); a TOML syntax or type
+/// error must point at that line.
+fn names_field(e: &ConfigError, path: &str, line: usize) -> bool {
+    match e {
+        ConfigError::Parse { line: l, .. } => *l == line,
+        ConfigError::Invalid { errors, .. } => errors.iter().any(|(f, _)| {
+            let is = |p: &str| {
+                f == p
+                    || f.strip_prefix(p)
+                        .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+            };
+            is(path) || partner(path).is_some_and(is)
+        }),
+        ConfigError::Read { .. } => false,
     }
 }
 
@@ -275,7 +335,9 @@ fn render(lines: &[(&str, &str, String)]) -> String {
 #[test]
 fn the_valid_skeleton_is_valid() {
     // Otherwise the mutation property below would prove nothing.
-    assert_eq!(check(&render(&valid_lines())), None);
+    if let Some(e) = check(&render(&valid_lines())) {
+        panic!("the skeleton is rejected: {e}");
+    }
 }
 
 /// Numeric fields that `validate` requires to be finite and > 0 (and, after the fix found by this
@@ -311,8 +373,8 @@ proptest! {
         check(&lines.join("\n"));
     }
 
-    /// A valid file with one field replaced by a hostile value: no panic, and when rejected for a
-    /// semantic reason the message names the field.
+    /// A valid file with one field replaced by a hostile value: no panic, and a rejection names
+    /// that field: its path for a semantic error, its line for a TOML syntax or type error.
     #[test]
     fn one_wrong_field_is_named(slot in 0usize..15, value in hostile_value()) {
         count("one_wrong_field_is_named");
@@ -320,11 +382,18 @@ proptest! {
         let (section, key, _) = lines[slot].clone();
         lines[slot].2 = value.clone();
         let text = render(&lines);
-        if let Some(msg) = check(&text) {
-            let named = msg.contains(key)
-                || msg.contains(&format!("{FILE}:")) // a TOML syntax/type error locates line:col
-                || msg.contains(section);
-            prop_assert!(named, "error for {section}.{key} = {value} does not name it: {msg}");
+        let prefix = format!("{key} = ");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with(&prefix))
+            .map(|i| i + 1)
+            .expect("the mutated key is in the rendered file");
+        if let Some(e) = check(&text) {
+            let path = field_path(section, key);
+            prop_assert!(
+                names_field(&e, &path, line),
+                "error for {path} = {value} (line {line}) does not name it: {e}"
+            );
         }
     }
 
@@ -341,11 +410,13 @@ proptest! {
             lines.retain(|(_, k, _)| *k != "reconnect_min_s" && *k != "reconnect_max_s");
         }
         lines.push(("streams", field, toml_float(v)));
-        match check(&render(&lines)) {
+        let text = render(&lines);
+        let line = text.lines().position(|l| l.starts_with(&format!("{field} = "))).map(|i| i + 1);
+        match check(&text) {
             None => prop_assert!(v.is_finite() && v > 0.0, "{field} = {v} accepted"),
-            Some(msg) => prop_assert!(
-                msg.contains(field),
-                "{field} = {v} rejected without naming it: {msg}"
+            Some(e) => prop_assert!(
+                names_field(&e, &field_path("streams", field), line.unwrap_or(0)),
+                "{field} = {v} rejected without naming it: {e}"
             ),
         }
     }

@@ -1,6 +1,8 @@
 //! Fuzzing the MQTT prompt-set payload parser (issue 6 item 6): `sinks::prompts::parse_prompt_set`
 //! never panics on any payload, an accepted payload is a prompt that `validate()` accepts (so the
-//! worker can always build a request from it), and a rejection names the stream.
+//! worker can always build a request from it) and is then in force, and a rejection names the
+//! stream and leaves the prompt in force untouched. Every payload goes through
+//! `PromptTable::apply`, the handler the MQTT sink runs, with a table in place.
 //!
 //! In: generated payloads: arbitrary bytes (including over the 64 KiB cap), arbitrary JSON values,
 //! and prompt-shaped objects with wrong types, unknown tasks, special-token text, extreme or
@@ -16,12 +18,24 @@ use proptest::prelude::*;
 use rexstream::sinks::prompts::{parse_prompt_set, PromptTable, MAX_PROMPT_SET_BYTES};
 use rexstream::sinks::SinkError;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 const STREAM: &str = "cam";
 
-/// Parse `payload`; an accepted prompt must validate, a rejection must name the stream.
+/// The prompt in force before each payload: a valid one, so a change is visible.
+const OLD: &[u8] = br#"{"task":"detection","categories":["old"]}"#;
+
+/// Hand `payload` to the handler the MQTT sink runs ([`PromptTable::apply`]) with a table in place,
+/// and check the outcome: accepted ⇒ a prompt `validate()` accepts, now in force, version +1;
+/// rejected ⇒ the error names the stream and the table (prompt and version) is exactly as before.
+/// Returns whether it was accepted.
 fn check(payload: &[u8]) -> bool {
-    match parse_prompt_set(STREAM, payload) {
+    let table = PromptTable::new([(
+        STREAM.to_string(),
+        parse_prompt_set(STREAM, OLD).expect("the old prompt is valid"),
+    )]);
+    let (before, version) = (table.get(STREAM).unwrap(), table.version());
+    match table.apply(STREAM, payload) {
         Ok(p) => {
             assert!(
                 p.validate().is_ok(),
@@ -29,11 +43,22 @@ fn check(payload: &[u8]) -> bool {
                 String::from_utf8_lossy(payload)
             );
             assert!(payload.len() <= MAX_PROMPT_SET_BYTES);
+            assert!(
+                Arc::ptr_eq(&table.get(STREAM).unwrap(), &p),
+                "accepted prompt is not the one in force"
+            );
+            assert_eq!(table.version(), version + 1);
             true
         }
         Err(SinkError::Prompt { stream, reason }) => {
             assert_eq!(stream, STREAM);
             assert!(!reason.is_empty());
+            let now = table.get(STREAM).unwrap();
+            assert!(
+                Arc::ptr_eq(&now, &before) && table.version() == version,
+                "a rejected payload changed the prompt in force to {now:?} ({reason}): {}",
+                String::from_utf8_lossy(payload)
+            );
             false
         }
         Err(other) => panic!("unexpected error kind: {other}"),
@@ -176,16 +201,13 @@ fn known_payloads_are_judged_right() {
         "a".repeat(MAX_PROMPT_SET_BYTES)
     );
     assert!(!check(big.as_bytes()));
-    // A rejected payload leaves the table's prompt as it was (what the MQTT sink relies on).
-    let table = PromptTable::new([(
-        STREAM.to_string(),
-        parse_prompt_set(STREAM, br#"{"task":"detection","categories":["old"]}"#).unwrap(),
-    )]);
-    let before = table.get(STREAM).unwrap();
-    if let Ok(p) = parse_prompt_set(STREAM, br#"{"task":"detection","categories":[]}"#) {
-        table.set(STREAM, p).unwrap();
-    }
-    assert_eq!(table.get(STREAM).unwrap(), before);
+    // Rejections that must not touch the table: an empty category list, an unknown stream.
+    assert!(!check(br#"{"task":"detection","categories":[]}"#));
+    let table = PromptTable::new([(STREAM.to_string(), parse_prompt_set(STREAM, OLD).unwrap())]);
+    assert!(table
+        .apply("other", br#"{"task":"detection","categories":["x"]}"#)
+        .is_err());
+    assert_eq!(table.version(), 0);
 }
 
 proptest! {

@@ -2,7 +2,8 @@
 //! (reader, once per frame).
 //!
 //! In: the configured prompt of each stream at start ([`PromptTable::new`]), then prompt-set
-//! messages from `<prefix>/<stream>/prompt/set` ([`parse_prompt_set`] → [`PromptTable::set`]).
+//! messages from `<prefix>/<stream>/prompt/set` ([`PromptTable::apply`]: [`parse_prompt_set`], then
+//! [`PromptTable::set`] only if it passed).
 //! Out: `Arc<TaskPrompt>` per stream ([`PromptTable::get`]): the detector worker reads it when it
 //! builds a frame's request, so a change takes effect from the next frame. Reads take a read lock
 //! and clone an `Arc`; writes are rare (a person changing a prompt).
@@ -61,6 +62,18 @@ impl PromptTable {
         *slot = p.clone();
         self.version.fetch_add(1, Ordering::Release);
         Ok(p)
+    }
+
+    /// Handle one prompt-set message for `stream`: parse and validate `payload`
+    /// ([`parse_prompt_set`]) and, only if that succeeds, make it the prompt in force. This is what
+    /// the MQTT sink runs for every `<prefix>/<stream>/prompt/set` message (and what
+    /// tests/fuzz_prompt_set.rs drives), so a rejected payload never reaches the table.
+    ///
+    /// # Errors
+    /// [`SinkError::Prompt`] naming the stream and the reason; the table is unchanged.
+    pub fn apply(&self, stream: &str, payload: &[u8]) -> Result<Arc<TaskPrompt>, SinkError> {
+        let prompt = parse_prompt_set(stream, payload)?;
+        self.set(stream, prompt)
     }
 
     /// Configured stream names, sorted.

@@ -43,7 +43,7 @@ use tracing::{debug, error, info, warn};
 use super::config::MqttConfig;
 use super::outbox::{Outbox, Pushed};
 use crate::metrics::{BrokerMode, Metrics, SinkKind, Stage, StreamMetrics};
-use crate::sinks::prompts::{parse_prompt_set, PromptTable};
+use crate::sinks::prompts::PromptTable;
 use crate::sinks::SinkError;
 
 /// First retry delay after a failed connection, doubled per failure up to [`MAX_BACKOFF`].
@@ -667,7 +667,7 @@ impl SinkLoop {
             debug!(message = "Ignoring message on an unexpected topic.", topic);
             return;
         };
-        let result = parse_prompt_set(stream, payload).and_then(|p| self.prompts.set(stream, p));
+        let result = self.prompts.apply(stream, payload);
         match result {
             Ok(prompt) => {
                 self.metrics.prompt_update(true);
