@@ -197,6 +197,10 @@ fn camera_killed_restarted_and_hung() -> Result<()> {
         tail(&rex.log(), 40)
     );
     assert!(
+        reconnects >= 1.0,
+        "no reconnect attempt counted for the killed camera"
+    );
+    assert!(
         before > 0.0,
         "healthy stream processed nothing before the outage"
     );
@@ -264,6 +268,16 @@ fn camera_killed_restarted_and_hung() -> Result<()> {
     assert!(
         rex.proc.running(),
         "rexstream exited; log:\n{}",
+        tail(&rex.log(), 40)
+    );
+    flaky.kill();
+
+    // After all that, a clean shutdown: SIGINT → exit status 0.
+    rex.proc.signal("INT")?;
+    assert_eq!(
+        rex.proc.wait_exit(Duration::from_secs(60))?,
+        Some(0),
+        "log:\n{}",
         tail(&rex.log(), 40)
     );
     Ok(())

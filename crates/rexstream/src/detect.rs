@@ -215,20 +215,23 @@ pub fn run(args: DetectArgs) -> Result<()> {
     Ok(())
 }
 
-/// Draw boxes / polygons / points in a fixed palette; labels are left to the JSON (no font dependency).
-fn annotate(
+/// `--annotate` colours, one per label in order of first appearance (cycled past six labels).
+pub const PALETTE: [[u8; 3]; 6] = [
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+];
+
+/// Draw boxes / polygons / points in [`PALETTE`] colours, lines 3 px wide; labels are left to the JSON
+/// (no font dependency). Writes `path` (format from its extension).
+pub fn annotate(
     mut img: image::RgbImage,
     dets: &[rexomni::protocol::Detection],
     path: &std::path::Path,
 ) -> Result<()> {
-    const PALETTE: [[u8; 3]; 6] = [
-        [230, 25, 75],
-        [60, 180, 75],
-        [255, 225, 25],
-        [0, 130, 200],
-        [245, 130, 48],
-        [145, 30, 180],
-    ];
     let (w, h) = img.dimensions();
     let mut put = |x: f64, y: f64, c: [u8; 3]| {
         let (x, y) = (x.round() as i64, y.round() as i64);
