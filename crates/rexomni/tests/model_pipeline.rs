@@ -35,7 +35,8 @@ fn image_file_to_greedy_ids_matches_transformers() {
         let n = prep.grid_thw.iter().product::<usize>();
         let pv = Tensor::from_vec(prep.pixel_values.clone(), (n, 1176), &Device::Cpu).unwrap();
         let dpv = max_abs_diff(&pv, &c.pixel_values);
-        // Pillow-exact resize gives identical uint8 → identical pixel_values (spec §1.4).
+        // Pillow-exact resize gives identical uint8 → identical pixel_values (spec §1.4); `c.pixel_values`
+        // are the HF processor's own, stored for every case by tests/reference/gen_model_fixtures.py.
         assert_eq!(
             dpv, 0.0,
             "case{i}: rexprep pixel_values differ from the HF processor's by {dpv}"

@@ -209,9 +209,51 @@ fn bad_tokenizer_files_are_named() {
 }
 
 #[test]
-fn tokenizer_json_is_used_when_present() {
-    // A tokenizer.json written by the tokenizers crate from our own plain-text model must give the
-    // same ids: the loader takes its normalizer, pre-tokenizer and model, not its added tokens.
+fn hf_written_tokenizer_json_gives_hf_ids() {
+    // tests/fixtures/hf-tokenizer-json/tokenizer.json was written by HF's `tokenizers` (transformers'
+    // Qwen2 converter) from the same vocab.json + merges.txt (tests/reference/gen_tokenizer_json.py).
+    // A checkpoint that ships it next to tokenizer_config.json must give the slow tokenizer's ids:
+    // the loader takes its normalizer, pre-tokenizer and model, and the specials from the config.
+    let base = std::env::temp_dir().join(format!("rexomni-protocol-hfjson-{}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::copy(
+        fixtures().join("hf-tokenizer-json/tokenizer.json"),
+        base.join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures().join("qwen-tokenizer/tokenizer_config.json"),
+        base.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let from_json = RexTokenizer::from_dir(&base).unwrap();
+    let fx = fixture();
+    for t in &fx.plain_texts {
+        assert_eq!(
+            from_json.encode_plain(&t.text).unwrap(),
+            t.ids,
+            "{:?}",
+            t.text
+        );
+    }
+    for c in &fx.cases {
+        let [w, h] = c.image;
+        assert_eq!(
+            from_json
+                .encode_chat(&c.prompt, w, h, c.num_image_tokens)
+                .unwrap(),
+            c.ids,
+            "{}: ids from the HF tokenizer.json",
+            c.name
+        );
+    }
+    std::fs::remove_dir_all(&base).ok();
+}
+
+#[test]
+fn own_tokenizer_json_round_trips() {
+    // A tokenizer.json written by `save_plain_tokenizer_json` reads back to the same ids (the HF-written
+    // file is checked above; this only covers our writer).
     let tok = tokenizer();
     let base = std::env::temp_dir().join(format!("rexomni-protocol-json-{}", std::process::id()));
     std::fs::create_dir_all(&base).unwrap();

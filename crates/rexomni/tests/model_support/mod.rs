@@ -1,6 +1,7 @@
 //! Shared helpers for the model tests: fixture paths, the committed test cases (tests/fixtures/tiny-cases),
-//! the transformers references (tests/fixtures/tiny-*/reference.safetensors) and rexprep's normalise +
-//! patchify (rex-omni-spec.md §1.5-1.6) of the stored resized images, checked against the HF processor.
+//! the transformers references (tests/fixtures/tiny-*/reference.safetensors). Each case's `pixel_values` are
+//! the HF processor's own (stored for every case); rexprep's normalise + patchify (rex-omni-spec.md
+//! §1.5-1.6) of the stored resized image is checked to equal them exactly.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -45,25 +46,27 @@ pub fn cases() -> Vec<Case> {
             .into_iter()
             .map(|x| x as u32)
             .collect();
+        let hf = t[&format!("case{i}.pixel_values")].clone();
+        // rexprep's patchify of HF's resized image must reproduce the HF processor's values exactly.
+        let d = (&patchify(rgb) - &hf)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(
+            d, 0.0,
+            "case{i}: rexprep patchify differs from the HF processor"
+        );
         out.push(Case {
             original: (o[0], o[1]),
             grid_thw: [g[0], g[1], g[2]],
             prompt_ids: ids,
-            pixel_values: patchify(rgb),
+            pixel_values: hf,
         });
     }
-    // rexprep must reproduce the HF processor's case 0 exactly.
-    let d = (&out[0].pixel_values - &t["case0.pixel_values"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    assert_eq!(
-        d.to_scalar::<f32>().unwrap(),
-        0.0,
-        "rexprep patchify differs from the HF processor"
-    );
     out
 }
 
