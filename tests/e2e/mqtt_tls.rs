@@ -1,7 +1,8 @@
 //! The MQTT sink over TLS with a client certificate and username/password from the environment,
 //! against a mosquitto TLS listener whose certificates the test generates with `openssl`
 //! (issue 6 item 7). Also checks that the password shows up neither in `/metrics` nor in
-//! `/healthz`, and that a wrong password keeps the sink disconnected with documents kept.
+//! `/healthz`, and that a wrong password is refused by the broker (its log line is asserted) and keeps
+//! the sink disconnected with documents kept.
 //!
 //! Run: `cargo test -p rexstream-e2e --test mqtt_tls -- --nocapture`.
 
@@ -287,7 +288,24 @@ async fn tls_client_cert_and_password_from_env() -> Result<()> {
     );
     sink.close(Duration::from_secs(3)).await;
 
-    // Wrong password: refused by the broker, never connected, documents kept in the outbox.
+    // Wrong password: refused by the broker, never connected, documents kept in the outbox. The
+    // refusal itself is asserted (mosquitto logs `Client <unknown> disconnected, not authorised.`
+    // after a completed TLS handshake and a CONNECT it answers with CONNACK "not authorised"), so a
+    // broken TLS setup (handshake failure, wrong CA, closed port) cannot pass as "password refused".
+    let log_path = d.join("mosquitto.log");
+    let refusals = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .matches("disconnected, not authorised.")
+            .count()
+    };
+    let refused_before = refusals();
+    assert_eq!(
+        refused_before,
+        0,
+        "a client with the right password was refused; log:\n{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
     std::env::set_var("REXSTREAM_E2E_MQTT_WRONG", "not-the-password");
     let m2 = Arc::new(Metrics::new());
     let bad = MqttSink::start(
@@ -298,7 +316,12 @@ async fn tls_client_cert_and_password_from_env() -> Result<()> {
     )?;
     bad.handle()
         .publish(&m2.stream("cam1"), "cam1", 0, doc(0).to_json()?);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_until(
+        "the broker refusing the wrong password",
+        Duration::from_secs(10),
+        || (refusals() > refused_before).then_some(()),
+    )
+    .with_context(|| std::fs::read_to_string(&log_path).unwrap_or_default())?;
     assert!(!bad.handle().connected());
     assert_eq!(bad.handle().outbox_len(), 1);
     let report = bad.close(Duration::from_millis(200)).await;
