@@ -111,6 +111,21 @@ fn field_path(section: &str, key: &str) -> String {
     }
 }
 
+/// The 1-based line where `key = ` starts inside `section` of a [`render`]ed file (`password_env`
+/// is in both `[[streams]]` and `[mqtt]`).
+fn line_of(text: &str, section: &str, key: &str) -> usize {
+    let prefix = format!("{key} = ");
+    let mut current = "";
+    for (i, l) in text.lines().enumerate() {
+        if let Some(h) = l.strip_prefix('[') {
+            current = h.trim_matches(|c| c == '[' || c == ']');
+        } else if current == section && l.starts_with(&prefix) {
+            return i + 1;
+        }
+    }
+    panic!("{section}.{key} is not in the rendered file");
+}
+
 /// Fields whose value is checked together with another one, so a bad value may be reported on the
 /// partner: the password from `password_env` goes into the uri's `user@` part (a uri without one
 /// is reported on `password_env`); `reconnect_max_s < reconnect_min_s` is reported on the max; the
@@ -382,12 +397,7 @@ proptest! {
         let (section, key, _) = lines[slot].clone();
         lines[slot].2 = value.clone();
         let text = render(&lines);
-        let prefix = format!("{key} = ");
-        let line = text
-            .lines()
-            .position(|l| l.starts_with(&prefix))
-            .map(|i| i + 1)
-            .expect("the mutated key is in the rendered file");
+        let line = line_of(&text, section, key);
         if let Some(e) = check(&text) {
             let path = field_path(section, key);
             prop_assert!(
@@ -411,11 +421,11 @@ proptest! {
         }
         lines.push(("streams", field, toml_float(v)));
         let text = render(&lines);
-        let line = text.lines().position(|l| l.starts_with(&format!("{field} = "))).map(|i| i + 1);
+        let line = line_of(&text, "streams", field);
         match check(&text) {
             None => prop_assert!(v.is_finite() && v > 0.0, "{field} = {v} accepted"),
             Some(e) => prop_assert!(
-                names_field(&e, &field_path("streams", field), line.unwrap_or(0)),
+                names_field(&e, &field_path("streams", field), line),
                 "{field} = {v} rejected without naming it: {e}"
             ),
         }
