@@ -20,8 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rexstream_e2e::{
-    free_port, http_get, rexstream_bin, tiny_model, wait_until, workspace_root, ChildGuard,
-    TempDir,
+    free_port, http_get, rexstream_bin, tiny_model, wait_until, workspace_root, ChildGuard, TempDir,
 };
 
 /// The demo pipeline with its clip path absolute and its ports free.
@@ -112,14 +111,21 @@ fn healthy_demo_run_logs_no_warn_or_error() -> Result<()> {
     let docs = BufReader::new(out).lines().map_while(Result::ok).count();
     sub.wait()?;
     if docs < 2 {
-        bail!("mosquitto_sub got {docs} documents; log:\n{}", rex.log_text());
+        bail!(
+            "mosquitto_sub got {docs} documents; log:\n{}",
+            rex.log_text()
+        );
     }
     sigint_and_wait(&mut rex)?;
 
     let log = rex.log_text();
     println!("--- log of a healthy run ---\n{log}");
     let bad = bad_lines(&log);
-    assert!(bad.is_empty(), "WARN/ERROR lines on a healthy run:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "WARN/ERROR lines on a healthy run:\n{}",
+        bad.join("\n")
+    );
     // The broker start is announced once (it was twice).
     assert_eq!(
         log.matches("Embedded MQTT broker listening.").count(),
@@ -127,7 +133,12 @@ fn healthy_demo_run_logs_no_warn_or_error() -> Result<()> {
         "{log}"
     );
     // The run did reach the lines it should have: not an empty log that passes by accident.
-    for line in ["Model loaded.", "Starting stream.", "Shutting down", "Stopped."] {
+    for line in [
+        "Model loaded.",
+        "Starting stream.",
+        "Shutting down",
+        "Stopped.",
+    ] {
         assert!(log.contains(line), "missing {line:?} in:\n{log}");
     }
     Ok(())
