@@ -208,9 +208,21 @@ mod tests {
     #[test]
     fn noise_filter_drops_only_the_double_disconnect_line() {
         let f = BrokerNoiseFilter::is_noise;
-        assert!(f("rumqttd::router::routing", "no-connection id 3 is already gone"));
-        assert!(!f("rumqttd::router::routing", "no space for new connection"));
-        assert!(!f("rumqttd::server::broker", "no-connection id 3 is already gone"));
-        assert!(!f("rexstream::ingest", "no-connection id 3 is already gone"));
+        assert!(f(
+            "rumqttd::router::routing",
+            "no-connection id 3 is already gone"
+        ));
+        assert!(!f(
+            "rumqttd::router::routing",
+            "no space for new connection"
+        ));
+        assert!(!f(
+            "rumqttd::server::broker",
+            "no-connection id 3 is already gone"
+        ));
+        assert!(!f(
+            "rexstream::ingest",
+            "no-connection id 3 is already gone"
+        ));
     }
 }
