@@ -549,6 +549,9 @@ pub struct RtspSource {
     pub fps: u32,
     /// videotestsrc pattern name (`ball`, `smpte`, `snow`…).
     pub pattern: String,
+    /// Further `rtsp-serve` flags (`--protocols udp`, `--auth digest --password …`, `--codec h265`,
+    /// `--audio`, `--resize-after-s …`; see support/bin/rtsp_serve.rs).
+    pub extra: Vec<String>,
 }
 
 impl Default for RtspSource {
@@ -558,6 +561,7 @@ impl Default for RtspSource {
             height: 240,
             fps: 15,
             pattern: "ball".into(),
+            extra: Vec::new(),
         }
     }
 }
@@ -608,6 +612,7 @@ impl RtspServer {
             "--pattern",
             &s.pattern,
         ]);
+        cmd.args(&s.extra);
         let mut guard = spawn_logged("rtsp-serve", cmd, &dir.path().join("rtsp.log"))?;
         wait_port(&mut guard, port, Duration::from_secs(15))?;
         Ok(guard)
@@ -615,6 +620,11 @@ impl RtspServer {
 
     pub fn url(&self) -> String {
         format!("rtsp://127.0.0.1:{}/cam", self.port)
+    }
+
+    /// The server's output so far: one `rtsp-serve: …` line per client connection, DESCRIBE, …
+    pub fn log(&self) -> String {
+        self.proc.log_text()
     }
 
     pub fn kill(&mut self) {

@@ -40,8 +40,9 @@ pub struct DetectArgs {
     /// visual_prompting reference boxes in pixels of the image: "x0,y0,x1,y1;x0,y0,x1,y1".
     #[arg(long)]
     pub boxes: Option<String>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto, cpu, cuda or cuda:N; `auto` (like `[model] device`) is CUDA when this build has it
+    /// and a driver answers, else CPU. The device chosen is logged.
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// f32, bf16 or f16 (default: bf16 on CUDA, f32 on CPU).
     #[arg(long)]
@@ -56,15 +57,38 @@ pub struct DetectArgs {
     pub annotate: Option<PathBuf>,
 }
 
+/// `auto`: CUDA device 0 when this build has CUDA and a driver answers, else the CPU (shared with
+/// `[model] device = "auto"`).
+pub fn auto_device() -> Device {
+    if cfg!(feature = "cuda") {
+        // Without a driver cudarc panics instead of returning an error (build-env.md).
+        if let Ok(Ok(d)) = std::panic::catch_unwind(|| Device::new_cuda(0)) {
+            return d;
+        }
+        tracing::info!(message = "No usable CUDA device; running on CPU.");
+    }
+    Device::Cpu
+}
+
+/// `cpu`, `cuda:N` (`metal:N`): what a device spec resolved to, for the log and the output.
+pub fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
+        "auto" => Ok(auto_device()),
         "cpu" => Ok(Device::Cpu),
         "cuda" => Device::new_cuda(0)
             .context("--device cuda: CUDA not available (build with --features cuda)"),
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => Device::new_cuda(n)
                 .with_context(|| format!("--device {s}: CUDA device {n} not available")),
-            _ => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
+            _ => bail!("--device {s:?}: expected auto, cpu, cuda or cuda:N"),
         },
     }
 }
@@ -121,6 +145,13 @@ pub fn run(args: DetectArgs) -> Result<()> {
 
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    tracing::info!(
+        message = "Loading model.",
+        model = %args.model,
+        requested = %args.device,
+        device = device_name(&device),
+        dtype = ?dtype
+    );
     let t_load = Instant::now();
     let model = RexOmni::load(&LoadOptions {
         source: args.model.clone(),
@@ -175,7 +206,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
     let n_out = out.token_ids.len();
     let mut doc = json!({
         "model": model.model_id(),
-        "device": args.device,
+        "device": device_name(&device),
         "dtype": format!("{dtype:?}").to_lowercase(),
         "task": task,
         "image_size": [w, h],

@@ -10,6 +10,9 @@ mod worker;
 
 use clap::{Parser, Subcommand};
 use rexstream::detect;
+use rexstream::sinks::mqtt::embedded::BrokerNoiseFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// Open-vocabulary detection on live video: GStreamer ingest → Rex-Omni → MQTT, with Prometheus
@@ -44,6 +47,8 @@ enum Command {
 fn main() -> std::process::ExitCode {
     // rumqttd (the embedded broker) logs every client connect at INFO; keep it to warnings unless
     // RUST_LOG asks for more. Colours only on a terminal, so log files stay plain text.
+    // BrokerNoiseFilter drops one benign rumqttd ERROR line (issue 15: a healthy run logs no
+    // WARN/ERROR).
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
@@ -51,6 +56,8 @@ fn main() -> std::process::ExitCode {
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        .finish()
+        .with(BrokerNoiseFilter)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -91,14 +91,18 @@ pub enum ReconnectReason {
     Timeout,
     /// The pipeline refused to go to PLAYING.
     StateChangeFailure,
+    /// The server answered 401: credentials missing or wrong; retried only every `auth_retry_s`
+    /// so a camera that locks accounts after failed logins is not locked (issue 16).
+    Unauthorized,
 }
 
 impl ReconnectReason {
-    pub const ALL: [ReconnectReason; 4] = [
+    pub const ALL: [ReconnectReason; 5] = [
         ReconnectReason::Error,
         ReconnectReason::Eos,
         ReconnectReason::Timeout,
         ReconnectReason::StateChangeFailure,
+        ReconnectReason::Unauthorized,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,6 +110,7 @@ impl ReconnectReason {
             ReconnectReason::Eos => "eos",
             ReconnectReason::Timeout => "timeout",
             ReconnectReason::StateChangeFailure => "state_change_failure",
+            ReconnectReason::Unauthorized => "unauthorized",
         }
     }
 }
@@ -220,6 +225,9 @@ pub struct StreamMetrics {
     /// 1 while frames are flowing, 0 while the source is down or reconnecting.
     pub up: IntGauge,
     reconnects: HashMap<ReconnectReason, IntCounter>,
+    /// True while the source's last answer was 401 (shown in `/healthz`, not a metric: the
+    /// `reason="unauthorized"` reconnects already count it).
+    pub unauthorized: std::sync::atomic::AtomicBool,
     pub end_to_end_latency: Histogram,
     published_mqtt: IntCounter,
     published_jsonl: IntCounter,
@@ -355,7 +363,7 @@ impl Metrics {
             reconnects: counter_vec(
                 &r,
                 "rexstream_reconnects_total",
-                "Ingest pipeline rebuilds, by reason (error, eos, timeout, state_change_failure).",
+                "Ingest pipeline rebuilds, by reason (error, eos, timeout, state_change_failure, unauthorized).",
                 &["stream", "reason"],
             ),
             end_to_end,
@@ -458,6 +466,7 @@ impl Metrics {
                 .iter()
                 .map(|r| (*r, self.reconnects.with_label_values(&[stream, r.as_str()])))
                 .collect(),
+            unauthorized: std::sync::atomic::AtomicBool::new(false),
             end_to_end_latency: self.end_to_end.with_label_values(&[stream]),
             published_mqtt: self
                 .events_published
@@ -533,6 +542,7 @@ impl Metrics {
                         frames_received: s.frames_received.get(),
                         frames_processed: s.frames_processed.get(),
                         reconnects: s.reconnects.values().map(|c| c.get()).sum(),
+                        unauthorized: s.unauthorized.load(std::sync::atomic::Ordering::Relaxed),
                     },
                 )
             })
@@ -619,6 +629,9 @@ pub struct StreamHealth {
     pub frames_received: u64,
     pub frames_processed: u64,
     pub reconnects: u64,
+    /// The camera refused the credentials (401); fix the password, the stream retries every
+    /// `auth_retry_s`.
+    pub unauthorized: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

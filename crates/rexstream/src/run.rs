@@ -129,7 +129,6 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
         None => {
             let listen = pipeline.raw.broker.clone().unwrap_or_default().listen;
             let b = embedded::start(listen).with_context(|| format!("{file}: broker.listen"))?;
-            info!(message = "Embedded MQTT broker listening.", address = %b.addr);
             (MqttConfig::embedded(b.addr), BrokerMode::Embedded, Some(b))
         }
     };

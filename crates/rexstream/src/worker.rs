@@ -40,19 +40,8 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 pub fn pick_device(spec: &str) -> anyhow::Result<Device> {
     let ordinal = match spec {
         "cpu" => return Ok(Device::Cpu),
-        "auto" => {
-            if cfg!(feature = "cuda") {
-                // Without a driver cudarc panics instead of returning an error (build-env.md).
-                match std::panic::catch_unwind(|| Device::new_cuda(0)) {
-                    Ok(Ok(d)) => return Ok(d),
-                    _ => {
-                        info!(message = "No usable CUDA device; running on CPU.");
-                        return Ok(Device::Cpu);
-                    }
-                }
-            }
-            return Ok(Device::Cpu);
-        }
+        // One rule for `[model] device` and `rexstream detect --device` (issue 15).
+        "auto" => return Ok(rexstream::detect::auto_device()),
         "cuda" => 0,
         s => s
             .strip_prefix("cuda:")

@@ -257,6 +257,7 @@ const KEYS: &[&str] = &[
     "no_frame_timeout_s",
     "reconnect_min_s",
     "reconnect_max_s",
+    "auth_retry_s",
     "task",
     "categories",
     "keypoint_type",
@@ -362,6 +363,7 @@ const POSITIVE_STREAM_FIELDS: &[&str] = &[
     "no_frame_timeout_s",
     "reconnect_min_s",
     "reconnect_max_s",
+    "auth_retry_s",
 ];
 
 proptest! {

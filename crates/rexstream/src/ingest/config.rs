@@ -31,8 +31,11 @@ pub struct StreamConfig {
     /// explicit rtspsrc with `transport` and `latency_ms`; rtsp:// uris only).
     #[serde(default)]
     pub source: SourceKind,
-    /// RTSP lower transport for `source = "rtspsrc"`: `tcp` (interleaved, survives NAT and lossy
-    /// links), `udp`, or `auto` (rtspsrc tries UDP then TCP).
+    /// How RTP travels for `rtsp://` uris, with either `source`: `auto` (default: RTP over TCP
+    /// first; UDP when the server refuses TCP, and back to TCP when UDP delivers no frame within
+    /// `no_frame_timeout_s`; what worked is kept for the stream's later reconnects), `tcp`
+    /// (interleaved in the RTSP connection; survives NAT and lossy links) or `udp`, which force
+    /// one. Ignored for other uris.
     #[serde(default)]
     pub transport: Transport,
     /// rtspsrc jitter-buffer latency in milliseconds; lower is fresher, higher tolerates jitter.
@@ -60,6 +63,11 @@ pub struct StreamConfig {
     /// Longest reconnect delay in seconds.
     #[serde(default = "default_reconnect_max_s")]
     pub reconnect_max_s: f64,
+    /// Seconds between attempts while the camera answers 401 (wrong or missing credentials),
+    /// instead of the reconnect back-off: many cameras lock an account after a few failed
+    /// logins, so a wrong password is tried at most once per this period.
+    #[serde(default = "default_auth_retry_s")]
+    pub auth_retry_s: f64,
     /// Rex-Omni task (rex-omni-spec.md §5.1): `detection`, `pointing`, `visual_prompting`,
     /// `keypoint`, `ocr_box`, `ocr_polygon`, `gui_grounding`, `gui_pointing`.
     #[serde(default = "default_task")]
@@ -92,6 +100,9 @@ const fn default_reconnect_min_s() -> f64 {
 const fn default_reconnect_max_s() -> f64 {
     30.0
 }
+const fn default_auth_retry_s() -> f64 {
+    300.0
+}
 /// Upper bound for every duration field (one year): bigger values are typos, and values near
 /// `Duration::MAX` would panic in `Duration::from_secs_f64` or overflow the back-off's jitter.
 const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
@@ -111,14 +122,17 @@ pub enum SourceKind {
     Rtspsrc,
 }
 
-/// RTSP lower transport.
+/// RTSP lower transport (`transport` field).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Transport {
+    /// TCP first, then UDP, remembering what worked (ingest/transport.rs).
     #[default]
-    Tcp,
-    Udp,
     Auto,
+    /// RTP interleaved in the RTSP TCP connection only.
+    Tcp,
+    /// RTP over UDP only.
+    Udp,
 }
 
 /// Pixel format of frames handed to the detector (both are read by rexprep).
@@ -243,6 +257,7 @@ pub struct ResolvedStream {
     pub no_frame_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    pub auth_retry: Duration,
     pub prompt: TaskPrompt,
 }
 
@@ -344,6 +359,7 @@ impl StreamConfig {
         positive(errs, "no_frame_timeout_s", self.no_frame_timeout_s);
         positive(errs, "reconnect_min_s", self.reconnect_min_s);
         positive(errs, "reconnect_max_s", self.reconnect_max_s);
+        positive(errs, "auth_retry_s", self.auth_retry_s);
         if self.reconnect_max_s.is_finite()
             && self.reconnect_min_s.is_finite()
             && self.reconnect_max_s < self.reconnect_min_s
@@ -458,6 +474,7 @@ impl StreamConfig {
             no_frame_timeout: Duration::from_secs_f64(self.no_frame_timeout_s),
             reconnect_min: Duration::from_secs_f64(self.reconnect_min_s),
             reconnect_max: Duration::from_secs_f64(self.reconnect_max_s),
+            auth_retry: Duration::from_secs_f64(self.auth_retry_s),
             prompt,
         })
     }

@@ -27,8 +27,9 @@ use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 use tracing::{debug, error, info, info_span, warn};
 
-use super::config::{FrameFormat, ResolvedStream, SourceKind, Transport};
+use super::config::{FrameFormat, ResolvedStream, SourceKind};
 use super::frame::Frame;
+use super::transport::{AttemptEnd, Lower, Next, TransportChoice};
 use super::{StreamState, StreamStatus};
 use crate::metrics::{ReconnectReason, StreamMetrics};
 use crate::shutdown::Shutdown;
@@ -61,6 +62,8 @@ enum Outcome {
         reason: ReconnectReason,
         detail: String,
         had_frames: bool,
+        /// The server refused the transport (RTSP 461), as told by rtspsrc.
+        refused: bool,
     },
 }
 
@@ -91,6 +94,9 @@ impl StreamIngest {
         // seq survives rebuilds: it counts frames of this stream for the life of the process.
         let seq = Arc::new(AtomicU64::new(0));
         let mut attempt = 0u32;
+        // Only rtsp:// has a lower transport to choose; other uris ignore it.
+        let rtsp = self.cfg.uri.scheme().starts_with("rtsp");
+        let mut transport = TransportChoice::new(self.cfg.transport);
         info!(message = "Starting stream.", uri = %self.cfg.uri);
         loop {
             if shutdown.is_triggered() {
@@ -98,12 +104,14 @@ impl StreamIngest {
             }
             self.status.set_state(StreamState::Connecting);
             let started = Instant::now();
-            let outcome = match self.build(&seq) {
+            let lower = rtsp.then(|| transport.current());
+            let outcome = match self.build(&seq, lower) {
                 Ok(pipeline) => self.watch(&pipeline, &shutdown),
                 Err(e) => Outcome::Lost {
                     reason: ReconnectReason::Error,
                     detail: e,
                     had_frames: false,
+                    refused: false,
                 },
             };
             self.metrics.up.set(0);
@@ -115,8 +123,9 @@ impl StreamIngest {
                 }
                 Outcome::Lost {
                     reason,
-                    detail,
+                    mut detail,
                     had_frames,
+                    refused,
                 } => {
                     // A file that cannot be played (not video, corrupt, unreadable) will fail the
                     // same way again: end its stream with the reason instead of retrying forever.
@@ -125,6 +134,61 @@ impl StreamIngest {
                             .disconnected(format!("{}: {detail}", reason.as_str()));
                         error!(message = "File cannot be played; stream ended.", error = %detail);
                         break;
+                    }
+                    self.metrics.reconnect(reason);
+                    if reason == ReconnectReason::Unauthorized {
+                        // Not the back-off: a camera that locks accounts after a few failed
+                        // logins must see at most one attempt per auth_retry_s (issue 16).
+                        self.metrics.unauthorized.store(true, Ordering::Relaxed);
+                        let delay = self.cfg.auth_retry.mul_f64(jitter() + 0.25);
+                        self.status
+                            .disconnected(format!("{}: {detail}", reason.as_str()));
+                        warn!(
+                            message = "Camera refused the credentials; retrying later.",
+                            uri = %self.cfg.uri,
+                            error = %detail,
+                            retry_in_s = format!("{:.0}", delay.as_secs_f64())
+                        );
+                        if shutdown.sleep(delay) {
+                            break;
+                        }
+                        continue;
+                    }
+                    if let Some(t) = lower {
+                        let end = if had_frames {
+                            AttemptEnd::Delivered
+                        } else if refused {
+                            AttemptEnd::Refused
+                        } else if t == Lower::Udp && reason == ReconnectReason::Timeout {
+                            AttemptEnd::Silent(self.cfg.no_frame_timeout)
+                        } else {
+                            AttemptEnd::Other
+                        };
+                        match transport.record(end.clone()) {
+                            Next::Retry => {
+                                if matches!(end, AttemptEnd::Refused | AttemptEnd::Silent(_)) {
+                                    // A forced transport: say what failed, not GStreamer's text.
+                                    detail = format!(
+                                        "{} (transport = \"{}\" allows no other); {detail}",
+                                        end.describe(t),
+                                        t.protocols()
+                                    );
+                                }
+                            }
+                            Next::Switch { to, because } => {
+                                self.status
+                                    .disconnected(format!("{}: {because}", reason.as_str()));
+                                info!(
+                                    message = "Trying another RTP transport.",
+                                    transport = %to,
+                                    because = %because
+                                );
+                                continue;
+                            }
+                            Next::Exhausted { because } => {
+                                detail = format!("no RTP transport works: {because}");
+                            }
+                        }
                     }
                     if had_frames && started.elapsed() >= STABLE_AFTER {
                         attempt = 0;
@@ -136,7 +200,6 @@ impl StreamIngest {
                         jitter(),
                     );
                     attempt = attempt.saturating_add(1);
-                    self.metrics.reconnect(reason);
                     self.status
                         .disconnected(format!("{}: {detail}", reason.as_str()));
                     // One line per attempt; the back-off itself rate-limits this (≥ reconnect_min_s).
@@ -160,7 +223,8 @@ impl StreamIngest {
     }
 
     /// Build the graph for this stream. Errors are texts already scrubbed of secrets.
-    fn build(&self, seq: &Arc<AtomicU64>) -> Result<gst::Pipeline, String> {
+    /// `lower`: the RTP transport for an rtsp:// uri (None for other uris).
+    fn build(&self, seq: &Arc<AtomicU64>, lower: Option<Lower>) -> Result<gst::Pipeline, String> {
         let cfg = &self.cfg;
         let make = |factory: &str| {
             gst::ElementFactory::make(factory).build().map_err(|e| {
@@ -191,12 +255,13 @@ impl StreamIngest {
             .map_err(|e| format!("cannot link videoconvert ! appsink: {e}"))?;
 
         let stream_name: Arc<str> = Arc::from(cfg.name.as_str());
-        let (slot, status, index, frames_received, up) = (
+        let (slot, status, index, frames_received, up, metrics) = (
             self.slot.clone(),
             self.status.clone(),
             self.index,
             self.metrics.frames_received.clone(),
             self.metrics.up.clone(),
+            self.metrics.clone(),
         );
         let seq = seq.clone();
         sink.set_callbacks(
@@ -209,6 +274,7 @@ impl StreamIngest {
                             frames_received.inc();
                             if status.frame_arrived() {
                                 up.set(1);
+                                metrics.unauthorized.store(false, Ordering::Relaxed);
                             }
                             slot.put(frame);
                             Ok(gst::FlowSuccess::Ok)
@@ -249,22 +315,33 @@ impl StreamIngest {
             }
         };
 
-        let (latency, transport) = (cfg.latency_ms, cfg.transport);
+        let latency = cfg.latency_ms;
         let configure_rtspsrc = move |src: &gst::Element| {
             if src.find_property("latency").is_some() {
                 src.set_property("latency", latency);
             }
-            if src.find_property("protocols").is_some() {
-                let p = match transport {
-                    Transport::Tcp => "tcp",
-                    Transport::Udp => "udp",
-                    Transport::Auto => "tcp+udp+udp-mcast",
-                };
-                src.set_property_from_str("protocols", p);
+            // Exactly one transport per attempt; transport.rs picks it (rtspsrc's own fallback
+            // is UDP first).
+            if let (Some(t), Some(_)) = (lower, src.find_property("protocols")) {
+                src.set_property_from_str("protocols", t.protocols());
             }
             if src.find_property("teardown-timeout").is_some() {
                 src.set_property("teardown-timeout", RTSP_TEARDOWN_TIMEOUT_NS);
             }
+            // SETUP only the video streams: a camera's audio track would cost bandwidth and a
+            // decoder for nothing, and with rtspsrc ! decodebin only one stream can be linked.
+            src.connect("select-stream", false, |args| {
+                let caps = args.get(2).and_then(|v| v.get::<gst::Caps>().ok());
+                let media = caps
+                    .as_ref()
+                    .and_then(|c| c.structure(0))
+                    .and_then(|s| s.get::<String>("media").ok());
+                let keep = media.as_deref().is_none_or(|m| m == "video");
+                if !keep {
+                    debug!(message = "Skipping a non-video RTSP stream.", media = ?media);
+                }
+                Some(keep.to_value())
+            });
         };
 
         match cfg.source {
@@ -326,10 +403,16 @@ impl StreamIngest {
         // Teardown to Null releases sockets and decoder state; a rebuild starts clean.
         let _ = pipeline.set_state(gst::State::Null);
         match outcome {
-            Outcome::Lost { reason, detail, .. } => Outcome::Lost {
+            Outcome::Lost {
+                reason,
+                detail,
+                refused,
+                ..
+            } => Outcome::Lost {
                 reason,
                 detail: cfg.uri.scrub(&detail),
                 had_frames: self.status.frames() > frames_at_start,
+                refused,
             },
             o => o,
         }
@@ -342,6 +425,7 @@ impl StreamIngest {
                 reason: ReconnectReason::Error,
                 detail: "pipeline has no bus".into(),
                 had_frames: false,
+                refused: false,
             };
         };
         if let Err(e) = pipeline.set_state(gst::State::Playing) {
@@ -362,10 +446,14 @@ impl StreamIngest {
                 reason: ReconnectReason::StateChangeFailure,
                 detail,
                 had_frames: false,
+                refused: false,
             };
         }
         let mut last_frames = self.status.frames();
         let mut last_progress = Instant::now();
+        // rtspsrc tells some failures (a refused transport) only as a WARNING before the bins
+        // post a generic ERROR ("missing a plug-in"); keep them to explain that ERROR.
+        let mut warnings: Vec<String> = Vec::new();
         loop {
             if shutdown.is_triggered() {
                 return Outcome::Shutdown;
@@ -384,10 +472,17 @@ impl StreamIngest {
                             err.error(),
                             err.debug().unwrap_or_default()
                         );
+                        let (reason, refused) = classify_error(&err.error(), &detail, &warnings);
+                        let detail = match (refused, warnings.last()) {
+                            // The warning says what happened; the ERROR after it does not.
+                            (true, Some(w)) => w.clone(),
+                            _ => detail,
+                        };
                         return Outcome::Lost {
-                            reason: ReconnectReason::Error,
+                            reason,
                             detail,
                             had_frames: false,
+                            refused,
                         };
                     }
                     gst::MessageView::Eos(_) => {
@@ -396,6 +491,7 @@ impl StreamIngest {
                                 reason: ReconnectReason::Eos,
                                 detail: "end of stream from a live source".into(),
                                 had_frames: false,
+                                refused: false,
                             };
                         }
                         if !cfg.loop_ {
@@ -411,12 +507,17 @@ impl StreamIngest {
                                 reason: ReconnectReason::Eos,
                                 detail: format!("cannot seek back to start for loop: {e}"),
                                 had_frames: false,
+                                refused: false,
                             };
                         }
                         last_progress = Instant::now();
                     }
                     gst::MessageView::Warning(w) => {
-                        debug!(message = "GStreamer warning.", warning = %cfg.uri.scrub(&w.error().to_string()));
+                        let text = format!("{} ({})", w.error(), w.debug().unwrap_or_default());
+                        debug!(message = "GStreamer warning.", warning = %cfg.uri.scrub(&text));
+                        if warnings.len() < 8 {
+                            warnings.push(text);
+                        }
                     }
                     _ => {}
                 }
@@ -431,10 +532,34 @@ impl StreamIngest {
                     reason: ReconnectReason::Timeout,
                     detail: format!("no frame for {:.1} s", cfg.no_frame_timeout.as_secs_f64()),
                     had_frames: false,
+                    refused: false,
                 };
             }
         }
     }
+}
+
+/// Reconnect reason of a bus ERROR, and whether it means the server refused the RTP transport.
+/// `text` is the error with its debug string; `warnings` the WARNINGs posted before it.
+///
+/// What rtspsrc 1.22 posts (measured against gst-rtsp-server): a 401 is `Unauthorized` with
+/// debug `Unauthorized (401)`; a SETUP refused for the one transport allowed (461) is "No
+/// supported stream was found. You might need to allow more transport protocols …".
+fn classify_error(
+    err: &gst::glib::Error,
+    text: &str,
+    warnings: &[String],
+) -> (ReconnectReason, bool) {
+    if err.matches(gst::ResourceError::NotAuthorized) || text.contains("Unauthorized (401)") {
+        return (ReconnectReason::Unauthorized, false);
+    }
+    let refusal = |t: &str| {
+        t.contains("No supported stream was found")
+            || t.contains("Unsupported transport")
+            || t.contains("(461)")
+    };
+    let refused = refusal(text) || warnings.iter().any(|w| refusal(w));
+    (ReconnectReason::Error, refused)
 }
 
 /// Initialise GStreamer once (scans plugins on first use, ~1 s cold).

@@ -12,11 +12,15 @@
 //! until the process exits.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
-use tracing::{error, info};
+use tracing::field::{Field, Visit};
+use tracing::{error, info, Event, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
 
 use crate::sinks::SinkError;
 
@@ -121,7 +125,7 @@ pub fn start(addr: SocketAddr) -> Result<Handle, SinkError> {
         })?;
 
     let deadline = Instant::now() + READY_TIMEOUT;
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+    while !mqtt_ready(addr) {
         if Instant::now() >= deadline || thread.is_finished() {
             return Err(SinkError::Broker {
                 addr,
@@ -135,4 +139,90 @@ pub fn start(addr: SocketAddr) -> Result<Handle, SinkError> {
         addr,
         _thread: thread,
     })
+}
+
+/// Readiness probe: an MQTT CONNECT answered by a CONNACK. A bare TCP connect would do for
+/// "listening", but rumqttd logs a connection closed before its CONNECT at ERROR ("Error while
+/// handling MQTT connect packet"), which a healthy start must not print (issue 15). The probe
+/// closes without DISCONNECT: rumqttd logs a peer close at INFO, while a DISCONNECT makes it
+/// handle the disconnection twice (see [`BrokerNoiseFilter`]).
+fn mqtt_ready(addr: SocketAddr) -> bool {
+    const CLIENT_ID: &[u8] = b"rexstream-ready-probe";
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    // MQTT 3.1.1 CONNECT: protocol "MQTT", level 4, clean session, keep-alive 5 s, client id.
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 5];
+    body.extend_from_slice(&(CLIENT_ID.len() as u16).to_be_bytes());
+    body.extend_from_slice(CLIENT_ID);
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    let mut connack = [0u8; 4];
+    s.write_all(&packet).is_ok()
+        && s.read_exact(&mut connack).is_ok()
+        && connack == [0x20, 0x02, 0x00, 0x00]
+}
+
+/// Drops rumqttd's `no-connection id N is already gone` ERROR lines. rumqttd 0.20 handles a
+/// client's DISCONNECT packet and then the closed socket as two disconnections and logs the
+/// second at ERROR (its own comment in router/routing.rs says so): every clean client exit
+/// (ours at shutdown, a user's `mosquitto_sub` on Ctrl-C) would print it. Everything else rumqttd
+/// logs passes, so real broker problems still reach the log.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BrokerNoiseFilter;
+
+impl BrokerNoiseFilter {
+    /// True for an event this filter drops (target and message both match).
+    fn is_noise(target: &str, message: &str) -> bool {
+        target.starts_with("rumqttd::router")
+            && message.starts_with("no-connection id ")
+            && message.ends_with(" is already gone")
+    }
+}
+
+impl<S: Subscriber> Layer<S> for BrokerNoiseFilter {
+    fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
+        let target = event.metadata().target();
+        if !target.starts_with("rumqttd") {
+            return true;
+        }
+        struct Message(String);
+        impl Visit for Message {
+            fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        !Self::is_noise(target, &m.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn noise_filter_drops_only_the_double_disconnect_line() {
+        let f = BrokerNoiseFilter::is_noise;
+        assert!(f(
+            "rumqttd::router::routing",
+            "no-connection id 3 is already gone"
+        ));
+        assert!(!f(
+            "rumqttd::router::routing",
+            "no space for new connection"
+        ));
+        assert!(!f(
+            "rumqttd::server::broker",
+            "no-connection id 3 is already gone"
+        ));
+        assert!(!f(
+            "rexstream::ingest",
+            "no-connection id 3 is already gone"
+        ));
+    }
 }
