@@ -10,6 +10,7 @@
 // serde_json::json! of a whole config.json nests deeper than the default limit.
 #![recursion_limit = "256"]
 
+mod drafts;
 mod measure;
 mod random_weights;
 
@@ -71,6 +72,9 @@ struct Args {
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Frames per drafts scenario (identical, slow change), each served with drafts off and on; 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    drafts_frames: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -149,8 +153,24 @@ fn main() -> anyhow::Result<()> {
         &args.dtype,
     )?;
     print!("{}", report.table());
+    let drafts = if args.drafts_frames > 0 {
+        let rows = drafts::run(
+            &model,
+            &tokenizer,
+            &measure::test_frame(w, h),
+            (w, h),
+            args.drafts_frames,
+            args.output_tokens,
+        )?;
+        print!("{}", drafts::table(&rows));
+        rows
+    } else {
+        Vec::new()
+    };
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+        let mut doc = serde_json::to_value(&report)?;
+        doc["drafts"] = serde_json::to_value(&drafts)?;
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("rexbench: wrote {}", path.display());
     }

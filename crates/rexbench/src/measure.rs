@@ -297,7 +297,7 @@ fn sync(t: &Tensor) -> anyhow::Result<()> {
 }
 
 /// A deterministic frame with edges and gradients (a flat frame would make the resize trivially cheap).
-fn test_frame(w: u32, h: u32) -> Vec<u8> {
+pub fn test_frame(w: u32, h: u32) -> Vec<u8> {
     let mut v = Vec::with_capacity((w * h * 3) as usize);
     for y in 0..h {
         for x in 0..w {

@@ -10,6 +10,44 @@
 //! prefill is already a large matmul); the caches are then left-padded to a common length and all active rows
 //! decode together, padded key slots masked with −∞ (an exact zero weight), finished rows dropped from the
 //! batch. Each row's ids are therefore those it gets alone (tested in tests/model_generate.rs).
+//!
+//! Drafts (exact speculative decoding, [`DecodeOptions::drafts`]): a row may carry the ids of the stream's
+//! previous answer. Each decode pass then feeds the row's last token plus up to `draft_block` draft ids in one
+//! forward over the cache ([`Qwen25Vl::decode_block`]: causal within the block, M-RoPE position `base + step`
+//! per token) and walks the block's logits rows in order: at row `i` the greedy pick is made exactly as a
+//! plain step makes it (`pick`: pre-penalty logprobs, penalty over prompt + every id emitted before, the
+//! accepted draft ids included, first maximum); while the pick equals the next draft id it is accepted, the
+//! first pick that differs is emitted as the model's own token and the rest of the block is discarded: its
+//! cache slots are cut off (one row) or hidden by the mask (a batch; `live` below). The draft then re-aligns
+//! (`drafts.rs`). Stop ids, budgets and the runaway guard act on every emitted id exactly as in plain decoding.
+//!
+//! Why the ids cannot change (the contract: identical to plain greedy decoding): each emitted id is the pick
+//! from a logits row that depends only on the ids before it, and the ids before it are, by induction, the
+//! ones plain decoding emitted. What remains is arithmetic: a block row is computed by other matmul shapes
+//! than a one-token step (M = block length instead of 1), and a different summation order could move the
+//! last bits of a logit and flip a near tie. The block path is therefore built so every row meets the same
+//! per-row arithmetic as a step: on the CPU in bf16 the linear layers run cpu_bf16's row-wise kernel (each
+//! output one dot product over the input features, whatever the number of rows; the block is kept within its
+//! `MAX_ROWS`), RMSNorm, RoPE and the embedding are per row, and on the CPU the
+//! attention of block position `i` is computed with exactly the operands of the step that would produce it
+//! (keys cut to `T + i + 1` slots; text.rs says why the softmax needs that). tests/model_drafts.rs checks
+//! the result directly — block logits rows against step logits rows, bit for bit, also after a roll-back —
+//! and checks ids, logprobs and top-K on many random drafts. On CUDA the block's attention is one call
+//! and cuBLAS may pick another kernel for another row count, so a row can differ from a step in the last
+//! bits, as today's batched decode rows already differ from single rows; exactness there rests on
+//! near-ties being rare, the same standing as batching (checked with the same tolerances). On the CPU in
+//! f32 no block is exact (a step's one-row linear layers take candle's GEMV, a block's its GEMM, summing in
+//! another order), so there drafts are ignored ([`drafts_are_exact`]): use bf16 on the CPU to get them.
+//!
+//! Runaway guard ([`DecodeOptions::max_objects`], `guard.rs`): a row also stops when it repeats a shape for
+//! the same phrase or exceeds `max_objects` shapes; its answer is cut before the offending shape. `None`
+//! turns it off (plain greedy, for parity checks).
+
+mod drafts;
+mod guard;
+
+pub use drafts::Draft;
+pub use guard::{Guard, StopReason};
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -57,6 +95,21 @@ impl Default for GenerateParams {
     }
 }
 
+/// Per-call decoding options beyond [`GenerateParams`]: drafts and the runaway guard.
+#[derive(Debug, Clone, Default)]
+pub struct DecodeOptions {
+    /// Per request (same order, or empty for none): the previous answer's ids to verify as a draft.
+    pub drafts: Vec<Option<Vec<u32>>>,
+    /// Most draft ids verified in one forward pass (0 = [`DEFAULT_DRAFT_BLOCK`]).
+    pub draft_block: usize,
+    /// Runaway guard: stop a row after more than this many shapes or a repeated shape; `None` = off.
+    pub max_objects: Option<usize>,
+}
+
+/// Draft ids per verification pass: a 70-id answer is verified in 3 passes. On a GPU (memory-bound decode) a
+/// longer block is almost free; on a CPU each block row costs compute, so a bad draft wastes at most this much.
+pub const DEFAULT_DRAFT_BLOCK: usize = 32;
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StageTimings {
     pub vision: Duration,
@@ -74,7 +127,16 @@ pub struct GenerateOutput {
     /// Top-K (id, logprob) of the pre-penalty distribution per step (empty when `top_logprobs` = 0).
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub stopped_on_eos: bool,
+    /// Why decoding stopped (`Eos` iff `stopped_on_eos`).
+    pub stop: StopReason,
     pub timings: StageTimings,
+    /// Decode forward passes this row took part in (a plain step or a draft verification pass; the first id
+    /// comes from the prefill and is not counted).
+    pub decode_forward_passes: usize,
+    /// Draft ids accepted (emitted without a forward pass of their own).
+    pub draft_accepted: usize,
+    /// Draft ids proposed but not accepted.
+    pub draft_rejected: usize,
 }
 
 pub struct RexOmni {
@@ -136,6 +198,17 @@ impl RexOmni {
     ) -> Result<Vec<GenerateOutput>, ModelError> {
         generate_with_budgets(&self.model, requests, params, budgets)
     }
+
+    /// As [`RexOmni::generate_with_budgets`] with drafts and the runaway guard (see [`DecodeOptions`]).
+    pub fn generate_with_options(
+        &self,
+        requests: &[GenerateRequest],
+        params: &GenerateParams,
+        budgets: &[usize],
+        options: &DecodeOptions,
+    ) -> Result<Vec<GenerateOutput>, ModelError> {
+        generate_with_options(&self.model, requests, params, budgets, options)
+    }
 }
 
 /// Per-row decoding state.
@@ -144,11 +217,14 @@ struct Row {
     out: GenerateOutput,
     /// Prompt length + rope delta: the token fed at step `s` sits at position `base + s`.
     base: i64,
-    /// Left padding slots in the shared cache.
-    pad: usize,
+    /// Which slots of the shared cache this row attends to (false: left padding, or draft ids it rejected
+    /// while other rows of the batch kept theirs).
+    live: Vec<bool>,
     /// Most tokens this row may generate.
     budget: usize,
     done: bool,
+    draft: Option<Draft>,
+    guard: Option<Guard>,
 }
 
 /// Greedy generation for a batch (see the module doc for the batching scheme).
@@ -173,10 +249,31 @@ pub fn generate_with_budgets(
     params: &GenerateParams,
     budgets: &[usize],
 ) -> Result<Vec<GenerateOutput>, ModelError> {
+    generate_with_options(model, requests, params, budgets, &DecodeOptions::default())
+}
+
+/// As [`generate_with_budgets`], with drafts and the runaway guard (module doc).
+pub fn generate_with_options(
+    model: &Qwen25Vl,
+    requests: &[GenerateRequest],
+    params: &GenerateParams,
+    budgets: &[usize],
+    options: &DecodeOptions,
+) -> Result<Vec<GenerateOutput>, ModelError> {
     if budgets.len() != requests.len() {
         return Err(ModelError::Request {
             index: 0,
             msg: format!("{} budgets for {} requests", budgets.len(), requests.len()),
+        });
+    }
+    if !options.drafts.is_empty() && options.drafts.len() != requests.len() {
+        return Err(ModelError::Request {
+            index: 0,
+            msg: format!(
+                "{} drafts for {} requests",
+                options.drafts.len(),
+                requests.len()
+            ),
         });
     }
     if let Some(index) = requests.iter().position(|r| r.prompt_ids.is_empty()) {
@@ -185,7 +282,13 @@ pub fn generate_with_budgets(
             msg: "empty prompt".into(),
         });
     }
+    let block = match options.draft_block {
+        0 => DEFAULT_DRAFT_BLOCK,
+        k => k,
+    };
     let dev = model.device().clone();
+    let vocab = model.cfg.text.vocab_size;
+    let use_drafts = drafts_are_exact(model);
     let mut rows = Vec::with_capacity(requests.len());
     let mut caches = Vec::with_capacity(requests.len());
     let mut first_logits = Vec::with_capacity(requests.len());
@@ -207,6 +310,20 @@ pub fn generate_with_budgets(
         sync(&dev)?;
         let t2 = Instant::now();
         caches.push(p.cache);
+        let draft = options
+            .drafts
+            .get(index)
+            .filter(|_| use_drafts)
+            .and_then(|d| d.as_ref())
+            // An id outside the vocabulary can never be picked: the draft ends there (and it could not be embedded).
+            .map(|d| {
+                d.iter()
+                    .take_while(|&&t| (t as usize) < vocab)
+                    .copied()
+                    .collect::<Vec<u32>>()
+            })
+            .filter(|d| !d.is_empty())
+            .map(Draft::new);
         rows.push(Row {
             seen: r.prompt_ids.iter().copied().collect(),
             out: GenerateOutput {
@@ -214,16 +331,22 @@ pub fn generate_with_budgets(
                 logprobs: Vec::new(),
                 top_logprobs: Vec::new(),
                 stopped_on_eos: false,
+                stop: StopReason::MaxNewTokens,
                 timings: StageTimings {
                     vision: t1 - t0,
                     prefill: t2 - t1,
                     decode: Duration::ZERO,
                 },
+                decode_forward_passes: 0,
+                draft_accepted: 0,
+                draft_rejected: 0,
             },
             base: l as i64 + p.rope_delta,
-            pad: 0,
+            live: Vec::new(),
             budget: budgets[index],
             done: budgets[index] == 0,
+            draft,
+            guard: options.max_objects.map(Guard::new),
         });
     }
     if rows.iter().all(|r| r.done) {
@@ -234,7 +357,10 @@ pub fn generate_with_budgets(
     let t_dec = Instant::now();
     for (row, logits) in rows.iter_mut().zip(&first_logits) {
         if !row.done {
-            pick(row, &logits.to_vec1::<f32>()?, params);
+            let id = pick(row, &logits.to_vec1::<f32>()?, params);
+            if let Some(d) = row.draft.as_mut() {
+                d.advance(0, id, &row.out.token_ids);
+            }
         }
     }
     let mut cache = left_pad_and_stack(&caches, &mut rows, &dev, model.dtype())?;
@@ -258,9 +384,9 @@ pub fn generate_with_budgets(
             let idx: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
             cache.select_rows(&Tensor::from_vec(idx, keep.len(), &dev)?)?;
             active = keep.iter().map(|&i| active[i]).collect();
-            // Columns that are padding for every remaining row could be trimmed here; kept for simplicity.
+            // Columns hidden for every remaining row could be trimmed here; kept for simplicity.
         }
-        let tokens: Vec<u32> = active
+        let last_tokens: Vec<u32> = active
             .iter()
             .map(|&a| *rows[a].out.token_ids.last().unwrap_or(&0))
             .collect();
@@ -268,27 +394,135 @@ pub fn generate_with_budgets(
             .iter()
             .map(|&a| (rows[a].base + rows[a].out.token_ids.len() as i64 - 1).max(0) as u32)
             .collect();
-        let t = cache.len() + 1;
-        let mask = if active.iter().any(|&a| rows[a].pad > 0) {
-            let m: Vec<f32> = active
-                .iter()
-                .flat_map(|&a| {
-                    let pad = rows[a].pad;
-                    (0..t).map(move |j| if j < pad { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            Some(Tensor::from_vec(m, (active.len(), 1, 1, t), &dev)?)
+        // Draft ids per row: never more than the budget can still take after the pass's own pick. On the CPU in
+        // bf16 the linear layers of a step run cpu_bf16's row-wise kernel up to MAX_ROWS rows and candle's GEMM
+        // above; the block stays within it so its rows meet the step's arithmetic.
+        let cap = if dev.is_cpu() && model.dtype() == DType::BF16 {
+            (crate::model::cpu_bf16::MAX_ROWS / active.len()).saturating_sub(1)
         } else {
-            None
+            block
         };
-        let logits = model
-            .decode_step(&tokens, &positions, mask.as_ref(), &mut cache)?
-            .to_vec2::<f32>()?;
-        for (&a, l) in active.iter().zip(&logits) {
-            pick(&mut rows[a], l, params);
+        let proposals: Vec<Vec<u32>> = active
+            .iter()
+            .map(|&a| {
+                let r = &rows[a];
+                let room = r.budget.saturating_sub(r.out.token_ids.len() + 1).min(cap);
+                r.draft
+                    .as_ref()
+                    .map(|d| d.next(block.min(room)).to_vec())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let t = cache.len();
+        let l = 1 + proposals.iter().map(Vec::len).max().unwrap_or(0);
+        if l == 1 {
+            // Plain step: the reference path.
+            let mask = key_mask(&active, &rows, t, 1, &dev)?;
+            let logits = model
+                .decode_step(&last_tokens, &positions, mask.as_ref(), &mut cache)?
+                .to_vec2::<f32>()?;
+            for (&a, lg) in active.iter().zip(&logits) {
+                let row = &mut rows[a];
+                row.live.push(true);
+                row.out.decode_forward_passes += 1;
+                let id = pick(row, lg, params);
+                if let Some(d) = row.draft.as_mut() {
+                    d.advance(0, id, &row.out.token_ids);
+                }
+            }
+            continue;
+        }
+        // Verification pass: rows shorter than the block are filled with their last id; those slots are hidden.
+        let tokens: Vec<u32> = active
+            .iter()
+            .zip(&proposals)
+            .zip(&last_tokens)
+            .flat_map(|((_, p), &last)| {
+                std::iter::once(last)
+                    .chain(p.iter().copied())
+                    .chain(std::iter::repeat(last))
+                    .take(l)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mask = key_mask(&active, &rows, t, l, &dev)?;
+        let logits = model.decode_block(&tokens, &positions, mask.as_ref(), &mut cache)?;
+        let mut kept = Vec::with_capacity(active.len());
+        for (b, (&a, prop)) in active.iter().zip(&proposals).enumerate() {
+            let row = &mut rows[a];
+            row.out.decode_forward_passes += 1;
+            let lb = logits.get(b)?;
+            let mut accepted = 0;
+            for i in 0..=prop.len() {
+                let id = pick(row, &lb.get(i)?.to_vec1::<f32>()?, params);
+                if row.done {
+                    if id == prop.get(i).copied().unwrap_or(u32::MAX) {
+                        accepted += 1;
+                    }
+                    break;
+                }
+                if i < prop.len() && id == prop[i] {
+                    accepted += 1;
+                    continue;
+                }
+                if let Some(d) = row.draft.as_mut() {
+                    d.advance(accepted, id, &row.out.token_ids);
+                }
+                break;
+            }
+            row.out.draft_accepted += accepted;
+            row.out.draft_rejected += prop.len() - accepted;
+            // Cache slots this row keeps: its last id and the accepted draft ids.
+            kept.push(1 + accepted);
+        }
+        let max_kept = kept.iter().copied().max().unwrap_or(1);
+        cache.truncate(t + max_kept)?;
+        for (&a, &k) in active.iter().zip(&kept) {
+            let live = &mut rows[a].live;
+            live.extend(std::iter::repeat_n(true, k));
+            live.extend(std::iter::repeat_n(false, max_kept - k));
         }
     }
     Ok(rows.into_iter().map(|r| r.out).collect())
+}
+
+/// Whether a verification block gives this model's rows bit for bit what one-token steps give (module doc).
+/// Not on the CPU in f32/f16: a step's linear layers run candle's one-row GEMV and a block's its GEMM
+/// micro-kernel, whose sums are ordered differently; there drafts are ignored and decoding is plain.
+pub fn drafts_are_exact(model: &Qwen25Vl) -> bool {
+    !model.device().is_cpu() || model.dtype() == DType::BF16
+}
+
+/// Additive f32 mask `[B, 1, l, t + l]` for a pass of `l` new ids per row over `t` cached slots: each row's
+/// hidden slots are −∞, and the block is causal (id `i` sees block ids `0..=i`). `None` when nothing is hidden
+/// (a plain step with no padding), as before drafts existed.
+fn key_mask(
+    active: &[usize],
+    rows: &[Row],
+    t: usize,
+    l: usize,
+    dev: &Device,
+) -> Result<Option<Tensor>, ModelError> {
+    if l == 1 && active.iter().all(|&a| rows[a].live.iter().all(|&x| x)) {
+        return Ok(None);
+    }
+    let m: Vec<f32> = active
+        .iter()
+        .flat_map(|&a| {
+            let live = &rows[a].live;
+            (0..l).flat_map(move |i| {
+                (0..t + l).map(move |j| {
+                    let visible = if j < t { live[j] } else { j - t <= i };
+                    if visible {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(m, (active.len(), 1, l, t + l), dev)?))
 }
 
 fn with_index(e: ModelError, index: usize) -> ModelError {
@@ -361,8 +595,19 @@ fn pick(row: &mut Row, logits: &[f32], params: &GenerateParams) -> u32 {
     row.seen.insert(id);
     if STOP_IDS.contains(&id) {
         row.out.stopped_on_eos = true;
+        row.out.stop = StopReason::Eos;
+        row.done = true;
+        return id;
+    }
+    let index = row.out.token_ids.len() - 1;
+    if let Some((reason, keep)) = row.guard.as_mut().and_then(|g| g.push(id, index)) {
+        row.out.token_ids.truncate(keep);
+        row.out.logprobs.truncate(keep);
+        row.out.top_logprobs.truncate(keep);
+        row.out.stop = reason;
         row.done = true;
     } else if row.out.token_ids.len() >= row.budget {
+        row.out.stop = StopReason::MaxNewTokens;
         row.done = true;
     }
     id
@@ -378,7 +623,8 @@ fn left_pad_and_stack(
 ) -> Result<KvCache, ModelError> {
     let t = caches.iter().map(KvCache::len).max().unwrap_or(0);
     for (c, r) in caches.iter().zip(rows.iter_mut()) {
-        r.pad = t - c.len();
+        r.live = vec![false; t - c.len()];
+        r.live.resize(t, true);
     }
     if caches.len() == 1 {
         return Ok(caches[0].clone());
@@ -388,17 +634,18 @@ fn left_pad_and_stack(
     for li in 0..n_layers {
         let mut ks = Vec::with_capacity(caches.len());
         let mut vs = Vec::with_capacity(caches.len());
-        for (c, r) in caches.iter().zip(rows.iter()) {
+        for c in caches {
             let (k, v) = c.layers[li].as_ref().ok_or_else(|| ModelError::Request {
                 index: 0,
                 msg: "empty cache".into(),
             })?;
-            if r.pad == 0 {
+            let pad = t - k.dim(2)?;
+            if pad == 0 {
                 ks.push(k.clone());
                 vs.push(v.clone());
             } else {
                 let (_, h, _, d) = k.dims4()?;
-                let z = Tensor::zeros((1, h, r.pad, d), dtype, dev)?;
+                let z = Tensor::zeros((1, h, pad, d), dtype, dev)?;
                 ks.push(Tensor::cat(&[&z, k], 2)?);
                 vs.push(Tensor::cat(&[&z, v], 2)?);
             }
@@ -420,12 +667,18 @@ mod tests {
                 logprobs: vec![],
                 top_logprobs: vec![],
                 stopped_on_eos: false,
+                stop: StopReason::MaxNewTokens,
                 timings: StageTimings::default(),
+                decode_forward_passes: 0,
+                draft_accepted: 0,
+                draft_rejected: 0,
             },
             base: 0,
-            pad: 0,
+            live: vec![],
             budget: 2,
             done: false,
+            draft: None,
+            guard: None,
         }
     }
 
@@ -462,6 +715,48 @@ mod tests {
         let mut r = row(&[]);
         assert_eq!(pick(&mut r, &[1.0, 0.96], &params), 0);
         assert_eq!(pick(&mut r, &[1.0, 0.96], &params), 1);
+    }
+
+    #[test]
+    fn the_runaway_guard_stops_a_repeating_row_and_cuts_the_repeat() {
+        use crate::protocol::ids::{BOX_START, COORD_BASE, OBJECT_REF_END, OBJECT_REF_START};
+        let params = GenerateParams {
+            max_new_tokens: 100,
+            repetition_penalty: 1.0,
+            top_logprobs: 1,
+        };
+        let mut r = row(&[]);
+        r.budget = 100;
+        r.guard = Some(Guard::new(100));
+        let comma = 11;
+        let answer = [
+            OBJECT_REF_START,
+            7,
+            OBJECT_REF_END,
+            BOX_START,
+            COORD_BASE + 1,
+            COORD_BASE + 2,
+            COORD_BASE + 3,
+            COORD_BASE + 4,
+            comma,
+            COORD_BASE + 1,
+            COORD_BASE + 2,
+            COORD_BASE + 3,
+            COORD_BASE + 4,
+            comma,
+        ];
+        let mut logits = vec![0f32; 151936];
+        for (i, &id) in answer.iter().enumerate() {
+            assert!(!r.done, "stopped early at {i}");
+            logits.iter_mut().for_each(|x| *x = 0.0);
+            logits[id as usize] = 9.0;
+            assert_eq!(pick(&mut r, &logits, &params), id);
+        }
+        assert!(r.done && !r.out.stopped_on_eos);
+        assert_eq!(r.out.stop, StopReason::Repeat);
+        assert_eq!(r.out.token_ids, answer[..8]);
+        assert_eq!(r.out.logprobs.len(), 8);
+        assert_eq!(r.out.top_logprobs.len(), 8);
     }
 
     #[test]

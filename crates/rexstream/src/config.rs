@@ -70,6 +70,14 @@ pub struct ModelConfig {
     /// HF repetition penalty over the whole sequence (spec §5.5: 1.05).
     #[serde(default = "default_repetition_penalty")]
     pub repetition_penalty: f32,
+    /// Verify the stream's previous answer as a draft (exact speculative decoding): same ids as plain greedy
+    /// decoding, fewer decode passes when consecutive answers agree. Reset when the stream's prompt changes.
+    #[serde(default = "default_drafts")]
+    pub drafts: bool,
+    /// Runaway guard: a frame's decoding stops after more than this many shapes, or when a shape repeats for
+    /// the same phrase (Rex-Omni#178). 0 turns the guard off.
+    #[serde(default = "default_max_objects")]
+    pub max_objects: usize,
 }
 
 fn default_source() -> String {
@@ -90,6 +98,12 @@ const fn default_max_new_tokens() -> NonZeroUsize {
 const fn default_repetition_penalty() -> f32 {
     1.05
 }
+const fn default_drafts() -> bool {
+    true
+}
+const fn default_max_objects() -> usize {
+    100
+}
 
 impl Default for ModelConfig {
     fn default() -> Self {
@@ -100,6 +114,8 @@ impl Default for ModelConfig {
             max_batch: default_max_batch(),
             max_new_tokens: default_max_new_tokens(),
             repetition_penalty: default_repetition_penalty(),
+            drafts: default_drafts(),
+            max_objects: default_max_objects(),
         }
     }
 }
@@ -343,6 +359,15 @@ mod tests {
         .unwrap();
         assert_eq!(p.model.source, DEFAULT_MODEL);
         assert_eq!(p.model.max_batch.get(), 4);
+        assert!(p.model.drafts);
+        assert_eq!(p.model.max_objects, 100);
+        let off = check(
+            "[model]\ndrafts = false\nmax_objects = 0\n[[streams]]\nname = \"door\"\nuri = \"rtsp://cam/1\"\ncategories = [\"person\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert!(!off.model.drafts);
+        assert_eq!(off.model.max_objects, 0);
         assert_eq!(
             p.streams[0].min_interval,
             std::time::Duration::from_millis(200)

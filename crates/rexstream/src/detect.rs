@@ -2,7 +2,9 @@
 //!
 //! In: an image file, a task with its inputs (categories, keypoint type, visual-prompt boxes), a model source.
 //! Out (stdout): `{"model", "task", "image_size", "resized_size", "grid_thw", "prompt_tokens", "detections",
-//! "raw_output", "output_token_ids", "output_logprobs", "stopped_on_eos", "timings_ms", "top_logprobs"?}`.
+//! "raw_output", "output_token_ids", "output_logprobs", "stopped_on_eos", "stop_reason", "decode_forward_passes",
+//! "draft_tokens_accepted", "timings_ms", "top_logprobs"?}`. `--draft FILE` verifies an earlier document's ids
+//! as a draft (same ids, fewer decode passes); `--exact` turns the runaway guard off (plain greedy).
 //! Runs on the main thread: decode image → `rexprep::tensor::TensorPrep` (CUDA kernels on a GPU) →
 //! `RexTokenizer::encode_chat` → `RexOmni::generate` → `protocol::parse_ids`.
 //!
@@ -55,6 +57,46 @@ pub struct DetectArgs {
     /// Write a copy of the image with the detections drawn on it (PNG).
     #[arg(long)]
     pub annotate: Option<PathBuf>,
+    /// JSON an earlier `rexstream detect` printed (same model): its `output_token_ids` are verified as a draft.
+    /// The ids are the same as without it; `decode_forward_passes` and `draft_tokens_accepted` show the saving.
+    #[arg(long)]
+    pub draft: Option<PathBuf>,
+    /// Plain greedy decoding: the runaway guard (stop on a repeated shape or past `--max-objects`) is off.
+    #[arg(long)]
+    pub exact: bool,
+    /// Runaway guard: stop after more than this many shapes (ignored with `--exact`).
+    #[arg(long, default_value_t = 100)]
+    pub max_objects: usize,
+}
+
+/// The draft ids in `path`, a document printed by `rexstream detect` for `model`.
+pub fn read_draft(path: &std::path::Path, model: &str) -> Result<Vec<u32>> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).with_context(|| format!("--draft {shown}"))?;
+    let doc: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!("--draft {shown}: not JSON (expected what `rexstream detect` printed)")
+    })?;
+    let Some(ids) = doc.get("output_token_ids") else {
+        bail!(
+            "--draft {shown}: field `output_token_ids` missing: not a `rexstream detect` document"
+        );
+    };
+    let Some(ids) = ids.as_array() else {
+        bail!("--draft {shown}: field `output_token_ids` is {ids}, expected an array of token ids");
+    };
+    match doc.get("model").and_then(|m| m.as_str()) {
+        Some(m) if m == model => {}
+        Some(m) => bail!("--draft {shown}: field `model` is {m:?}, but this run uses {model:?}: a draft from another model"),
+        None => bail!("--draft {shown}: field `model` missing: not a `rexstream detect` document"),
+    }
+    ids.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .with_context(|| format!("--draft {shown}: field `output_token_ids[{i}]` is {v}, expected a token id"))
+        })
+        .collect()
 }
 
 /// `auto`: CUDA device 0 when this build has CUDA and a driver answers, else the CPU (shared with
@@ -143,6 +185,10 @@ pub fn run(args: DetectArgs) -> Result<()> {
     let prompt: TaskPrompt = serde_json::from_value(prompt).context("task prompt")?;
     prompt.validate().context("task prompt")?;
 
+    let draft = match &args.draft {
+        Some(path) => Some(read_draft(path, &args.model)?),
+        None => None,
+    };
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
     tracing::info!(
@@ -187,8 +233,18 @@ pub fn run(args: DetectArgs) -> Result<()> {
         grid_thw: prep.grid_thw,
         prompt_ids: ids.clone(),
     };
+    let options = rexomni::engine::DecodeOptions {
+        drafts: vec![draft],
+        draft_block: 0,
+        max_objects: (!args.exact).then_some(args.max_objects),
+    };
     let out = model
-        .generate(std::slice::from_ref(&req), &params)?
+        .generate_with_options(
+            std::slice::from_ref(&req),
+            &params,
+            &[args.max_new_tokens],
+            &options,
+        )?
         .remove(0);
     let t_parse = Instant::now();
     let parsed = parse_ids(
@@ -219,6 +275,9 @@ pub fn run(args: DetectArgs) -> Result<()> {
         "output_token_ids": out.token_ids,
         "output_logprobs": out.logprobs,
         "stopped_on_eos": out.stopped_on_eos,
+        "stop_reason": out.stop.as_str(),
+        "decode_forward_passes": out.decode_forward_passes,
+        "draft_tokens_accepted": out.draft_accepted,
         "timings_ms": {
             "load": load_ms,
             "preprocess": prep_ms,
@@ -319,4 +378,65 @@ pub fn annotate(
     }
     img.save(path)
         .with_context(|| format!("--annotate {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_draft;
+
+    fn file(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("rexstream-draft-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_draft_file_is_an_earlier_detect_document_of_the_same_model() {
+        let ok = file(
+            "ok.json",
+            r#"{"model": "m", "output_token_ids": [1, 2, 151645]}"#,
+        );
+        assert_eq!(read_draft(&ok, "m").unwrap(), vec![1, 2, 151645]);
+        let cases = [
+            ("text.json", "not json", "not JSON"),
+            (
+                "nofield.json",
+                r#"{"model": "m"}"#,
+                "field `output_token_ids` missing",
+            ),
+            (
+                "notarray.json",
+                r#"{"model": "m", "output_token_ids": "x"}"#,
+                "field `output_token_ids` is \"x\"",
+            ),
+            (
+                "other.json",
+                r#"{"model": "other", "output_token_ids": [1]}"#,
+                "field `model` is \"other\"",
+            ),
+            (
+                "nomodel.json",
+                r#"{"output_token_ids": [1]}"#,
+                "field `model` missing",
+            ),
+            (
+                "badid.json",
+                r#"{"model": "m", "output_token_ids": [1, -4]}"#,
+                "field `output_token_ids[1]` is -4",
+            ),
+        ];
+        for (name, text, want) in cases {
+            let p = file(name, text);
+            let err = format!("{:#}", read_draft(&p, "m").unwrap_err());
+            assert!(
+                err.contains(&p.display().to_string()) && err.contains(want),
+                "{name}: {err}"
+            );
+        }
+        let missing = std::env::temp_dir().join("rexstream-no-such-draft.json");
+        let err = format!("{:#}", read_draft(&missing, "m").unwrap_err());
+        assert!(err.contains("rexstream-no-such-draft.json"), "{err}");
+    }
 }

@@ -6,7 +6,7 @@
 //! - `slot`: the latest-frame slot per stream (superseded frames counted as dropped).
 //! - `scheduler`: fair round-robin batches under each stream's `max_fps`, on request of the worker.
 //! - `worker`: the detector thread that owns the model (feature `model` of rexomni).
-//! - `event`: the detections document.
+//! - `event`: the detections document; `previous`: each stream's last answer, the next frame's draft.
 //! - `sinks`: MQTT (outbox, embedded broker, prompt set/state), JSON lines.
 //! - `metrics`, `http`: the Prometheus registry, `/metrics` and `/healthz`.
 //! - `shutdown`: the injected stop signal; `run`: wires all of it for `rexstream run`.
@@ -18,6 +18,7 @@ pub mod event;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod previous;
 pub mod scheduler;
 pub mod shard;
 pub mod shutdown;

@@ -12,6 +12,10 @@
 //! categories with a per-stream cap (anything else is `other`). Every metric is documented in
 //! `docs/metrics.md`; a test keeps the two in sync.
 
+mod decode;
+
+pub use decode::DecodeMetrics;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -203,6 +207,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub output_tokens: Histogram,
     pub generated_tokens: IntCounter,
+    /// Decode forward passes, draft ids, stop reasons (metrics/decode.rs).
+    pub decode: DecodeMetrics,
     detections: IntCounterVec,
     events_published: IntCounterVec,
     pub mqtt_connected: IntGauge,
@@ -385,6 +391,7 @@ impl Metrics {
                 "Tokens generated per frame.",
                 vec![4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0],
             ),
+            decode: DecodeMetrics::new(&r),
             generated_tokens: counter(
                 &r,
                 "rexstream_generated_tokens_total",

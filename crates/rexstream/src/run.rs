@@ -154,6 +154,8 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
             repetition_penalty: pipeline.model.repetition_penalty,
             top_logprobs: 0,
         },
+        drafts: pipeline.model.drafts,
+        max_objects: (pipeline.model.max_objects > 0).then_some(pipeline.model.max_objects),
     };
     let model_cfg = pipeline.model.clone();
     let worker = {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::{DType, Device};
-use rexomni::engine::{GenerateParams, GenerateRequest, LoadOptions, RexOmni};
+use rexomni::engine::{DecodeOptions, GenerateParams, GenerateRequest, LoadOptions, RexOmni};
 use rexomni::protocol::{parse_ids, TaskPrompt};
 use rexprep::tensor::TensorPrep;
 use tracing::{debug, error, info, warn};
@@ -29,6 +29,7 @@ use rexstream::config::ModelConfig;
 use rexstream::event::{event_id, ms, DetectionsDocument, FrameInfo, Timing, SCHEMA_VERSION};
 use rexstream::ingest::frame::Frame;
 use rexstream::metrics::{DropReason, Metrics, Stage, StreamMetrics};
+use rexstream::previous::PreviousAnswers;
 use rexstream::scheduler::Batch;
 use rexstream::sinks::prompts::PromptTable;
 use rexstream::sinks::Sinks;
@@ -75,6 +76,10 @@ pub struct WorkerContext {
     /// Configured prompts, indexed like `streams` (fallback if the table has no entry).
     pub default_prompts: Vec<TaskPrompt>,
     pub params: GenerateParams,
+    /// `[model] drafts`: verify each stream's previous answer as a draft (same ids, fewer passes).
+    pub drafts: bool,
+    /// `[model] max_objects` (runaway guard); `None` = off.
+    pub max_objects: Option<usize>,
 }
 
 /// Load the model on a new thread and run batches there. Returns once the model is loaded (or
@@ -105,7 +110,7 @@ pub fn spawn(
                 Ok(engine) => {
                     let _ = ready_tx.send(Ok(()));
                     let prep = TensorPrep::new(engine.device());
-                    Worker { engine, prep, ctx, last_error_log: None }.run(credits, batches);
+                    Worker { engine, prep, ctx, last_error_log: None, previous: PreviousAnswers::default() }.run(credits, batches);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -132,6 +137,8 @@ struct Worker {
     prep: TensorPrep,
     ctx: WorkerContext,
     last_error_log: Option<Instant>,
+    /// Each stream's last answer: the draft for its next frame.
+    previous: PreviousAnswers,
 }
 
 /// What is kept about one frame between its request and its document.
@@ -191,7 +198,26 @@ impl Worker {
         if requests.is_empty() {
             return;
         }
-        let outputs = match self.engine.generate(&requests, &self.ctx.params) {
+        let options = DecodeOptions {
+            drafts: pending
+                .iter()
+                .map(|p| {
+                    self.ctx
+                        .drafts
+                        .then(|| self.previous.draft(p.frame.stream_index, &p.prompt))
+                        .flatten()
+                })
+                .collect(),
+            draft_block: 0,
+            max_objects: self.ctx.max_objects,
+        };
+        let budgets = vec![self.ctx.params.max_new_tokens; requests.len()];
+        let outputs = match self.engine.generate_with_options(
+            &requests,
+            &self.ctx.params,
+            &budgets,
+            &options,
+        ) {
             Ok(o) if o.len() == requests.len() => o,
             result => {
                 for p in &pending {
@@ -225,6 +251,9 @@ impl Worker {
         }
         let model_id = self.engine.model_id().to_string();
         for (p, out) in pending.into_iter().zip(outputs) {
+            self.ctx.metrics.decode.record(&out);
+            self.previous
+                .record(p.frame.stream_index, &p.prompt, &out.token_ids);
             let t = Instant::now();
             let (w, h) = (p.frame.width, p.frame.height);
             // Scores are exp(mean logprob) of each shape's coordinate tokens (protocol::shape_score).

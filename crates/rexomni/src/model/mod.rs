@@ -196,6 +196,40 @@ impl Qwen25Vl {
         Ok(self.text.logits(&hidden)?.squeeze(1)?)
     }
 
+    /// A decode block (draft verification): `B` rows of `L` tokens each, `tokens` row-major `[B·L]`, row `b`'s
+    /// token `i` at M-RoPE position `first_positions[b] + i`. `key_mask`: additive f32 `[B, 1, L, T+L]`, causal
+    /// within the block and hiding each row's padding / rolled-back slots. The attention groups query heads as a
+    /// decode step does (text.rs). Returns `[B, L, vocab]` f32; the cache grows by `L` slots.
+    pub fn decode_block(
+        &self,
+        tokens: &[u32],
+        first_positions: &[u32],
+        key_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let b = first_positions.len();
+        if b == 0 || tokens.len() % b != 0 {
+            return Err(ModelError::Request {
+                index: 0,
+                msg: format!("decode block: {} tokens for {b} rows", tokens.len()),
+            });
+        }
+        let l = tokens.len() / b;
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, l), &self.device)?;
+        let embeds = self.text.embed(&ids)?;
+        let pos: Vec<[u32; 3]> = first_positions
+            .iter()
+            .flat_map(|&p| (0..l as u32).map(move |i| [p + i; 3]))
+            .collect();
+        let (cos, sin) = self.cos_sin(&pos)?;
+        let half = cos.dim(1)?;
+        let (cos, sin) = (cos.reshape((b, l, half))?, sin.reshape((b, l, half))?);
+        let mask = key_mask.cloned();
+        let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
+        let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
+        Ok(self.text.logits(&hidden)?)
+    }
+
     fn cos_sin(&self, positions: &[[u32; 3]]) -> Result<(Tensor, Tensor), ModelError> {
         let t = &self.cfg.text;
         let (c, s) = rope::mrope_cos_sin(

@@ -36,6 +36,17 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Drop every slot from `len` on (speculative decoding: roll back the rejected draft tokens of a
+    /// single-row batch). A no-op when the cache is not longer than `len`.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if self.len() <= len {
+            return Ok(());
+        }
+        for l in self.layers.iter_mut().flatten() {
+            *l = (l.0.narrow(2, 0, len)?, l.1.narrow(2, 0, len)?);
+        }
+        Ok(())
+    }
     /// Keep batch rows `rows` (a u32 index tensor on the cache's device).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         for l in self.layers.iter_mut().flatten() {
@@ -108,6 +119,7 @@ impl Attention {
         let v = split(linear_forward(&self.v, x)?, self.kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let cached = cache.is_some();
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
@@ -125,6 +137,59 @@ impl Attention {
                 1,
                 self.head_dim,
             ))?
+        } else if cached {
+            // Decode block (draft verification, engine.rs): `l` new tokens on top of a cache. `mask(0, l)` is
+            // `[B, 1, l, T]`: causal within the block and hiding each row's padding / rolled-back slots.
+            let m = mask(0, l)?;
+            if x.device().is_cpu() {
+                // Position by position, with exactly the operands of a one-token step (keys cut to the slots
+                // that step would have, contiguous, same grouping), so each row's scores, softmax and weighted
+                // sum are the step's bit for bit: candle's CPU softmax sums in 32-lane chunks plus a scalar
+                // tail, so even masked trailing keys would change the order of the additions.
+                let t = k.dim(2)? - l;
+                let mut outs = Vec::with_capacity(l);
+                for i in 0..l {
+                    let qi = q.narrow(2, i, 1)?.contiguous()?.reshape((
+                        b,
+                        self.kv_heads,
+                        rep,
+                        self.head_dim,
+                    ))?;
+                    let ki = k.narrow(2, 0, t + i + 1)?.contiguous()?;
+                    let vi = v.narrow(2, 0, t + i + 1)?.contiguous()?;
+                    let mi = match &m {
+                        Some(m) => Some(m.narrow(2, i, 1)?.narrow(3, 0, t + i + 1)?.contiguous()?),
+                        None => None,
+                    };
+                    let mask_i = move |_: usize, _: usize| Ok(mi.clone());
+                    outs.push(attend(&qi, &ki, &vi, MAX_SCORE_ELEMS, mask_i)?.reshape((
+                        b,
+                        self.heads,
+                        1,
+                        self.head_dim,
+                    ))?);
+                }
+                Tensor::cat(&outs, 2)?
+            } else {
+                // One call for the whole block, the query heads grouped as in a decode step: rows `r·l + i` of
+                // kv head `g` are query head `g·rep + r` at block position `i`; the mask is tiled to match. On
+                // CUDA the kernels may differ from a step's in the last bits anyway (engine.rs module doc).
+                let grouped = q.reshape((b, self.kv_heads, rep * l, self.head_dim))?;
+                let m = match m {
+                    Some(m) => Some(m.repeat((1, 1, rep, 1))?),
+                    None => None,
+                };
+                let mask_g = move |start: usize, rows: usize| match &m {
+                    Some(m) => m.narrow(2, start, rows).map(Some),
+                    None => Ok(None),
+                };
+                attend(&grouped, &k, &v, MAX_SCORE_ELEMS, mask_g)?.reshape((
+                    b,
+                    self.heads,
+                    l,
+                    self.head_dim,
+                ))?
+            }
         } else {
             let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
             let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
