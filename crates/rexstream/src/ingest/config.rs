@@ -75,6 +75,12 @@ pub struct StreamConfig {
     /// `task = "visual_prompting"`.
     #[serde(default)]
     pub boxes: Vec<[f64; 4]>,
+    /// Named areas of the frame for events (`[[streams.zones]]`, issue 13): see `tracking::zones`.
+    #[serde(default)]
+    pub zones: Vec<crate::tracking::zones::ZoneConfig>,
+    /// Events only for objects that entered one of these zones (empty = every object).
+    #[serde(default)]
+    pub required_zones: Vec<String>,
 }
 
 const fn default_latency_ms() -> u32 {
@@ -244,6 +250,8 @@ pub struct ResolvedStream {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub prompt: TaskPrompt,
+    pub zones: Vec<crate::tracking::zones::ZoneConfig>,
+    pub required_zones: Vec<String>,
 }
 
 /// True for names usable as one MQTT topic level and a Prometheus label value without escaping.
@@ -459,6 +467,8 @@ impl StreamConfig {
             reconnect_min: Duration::from_secs_f64(self.reconnect_min_s),
             reconnect_max: Duration::from_secs_f64(self.reconnect_max_s),
             prompt,
+            zones: self.zones.clone(),
+            required_zones: self.required_zones.clone(),
         })
     }
 }
