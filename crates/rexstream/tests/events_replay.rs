@@ -236,13 +236,20 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn run_steps(steps: &[Step], cfg: &EventsConfig) -> Vec<EventMessage> {
+fn run_steps(steps: &[Step], cfg: &EventsConfig, required: bool) -> Vec<EventMessage> {
     let zones: Vec<rexstream::tracking::zones::ZoneConfig> =
         toml::from_str::<toml::Table>(PIPELINE).unwrap()["streams"][0]["zones"]
             .clone()
             .try_into()
             .unwrap();
-    let mut s = StreamEvents::new("yard", cfg, zones, vec![]);
+    // With a required zone (or a score threshold) some confirmed objects are never announced:
+    // they must end without a message.
+    let required = if required {
+        vec!["B".to_string()]
+    } else {
+        vec![]
+    };
+    let mut s = StreamEvents::new("yard", cfg, zones, required);
     let mut out = Vec::new();
     let mut t = 1_800_000_000.0;
     for st in steps {
@@ -280,9 +287,9 @@ fn run_steps(steps: &[Step], cfg: &EventsConfig) -> Vec<EventMessage> {
                 t += dt;
                 out.extend(s.no_motion(t));
             }
-            Step::Tick(dt) => {
-                t += dt;
-                out.extend(s.tick(t));
+            Step::Tick(silent) => {
+                // Wall-clock silence since the last frame; frame time does not move.
+                out.extend(s.tick(*silent));
             }
         }
     }
@@ -327,14 +334,17 @@ proptest! {
         steps in prop::collection::vec(step(), 0..60),
         min_hits in 1u32..4,
         max_dis in 0.5..10.0f64,
+        required in any::<bool>(),
+        threshold in prop_oneof![Just(0.0), Just(0.5)],
     ) {
         let cfg = EventsConfig {
             min_hits: std::num::NonZeroU32::new(min_hits).unwrap(),
             max_disappeared_s: max_dis,
             stationary_after_s: 3.0,
+            threshold,
             ..EventsConfig::default()
         };
-        let ev = run_steps(&steps, &cfg);
+        let ev = run_steps(&steps, &cfg, required);
         check_lifecycles(&ev)?;
     }
 }

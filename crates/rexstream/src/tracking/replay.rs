@@ -111,6 +111,9 @@ pub fn publish(h: &crate::sinks::mqtt::MqttHandle, o: &Output) {
             jpeg,
             ..
         } => h.publish_message(&format!("{stream}/{label}/snapshot"), jpeg.to_vec(), true),
+        Output::Discovery { topic, payload } => {
+            h.publish_absolute(topic.clone(), payload.clone(), true)
+        }
     }
 }
 

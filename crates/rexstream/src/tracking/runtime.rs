@@ -107,6 +107,20 @@ impl EventsRuntime {
         streams: Vec<StreamSetup>,
         sink: OutputSink,
     ) -> std::io::Result<Self> {
+        Self::start_with(cfg, streams, sink, None)
+    }
+
+    /// [`EventsRuntime::start`] with Home Assistant discovery kept in line with the prompts in
+    /// force (checked every tick, so a prompt changed over MQTT shows within a second).
+    ///
+    /// # Errors
+    /// If the OS refuses a thread.
+    pub fn start_with(
+        cfg: &EventsConfig,
+        streams: Vec<StreamSetup>,
+        sink: OutputSink,
+        discovery: Option<(Discovery, Arc<PromptTable>)>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(QUEUE);
         let states: HashMap<String, StreamEvents> = streams
             .into_iter()
@@ -184,12 +198,15 @@ fn run(
     names.sort();
     sync_discovery(&mut discovery, &names, &mut sink);
     let mut last_tick = Instant::now();
+    // Wall-clock arrival of each stream's last frame or no-motion notice (for `tick`).
+    let mut arrived: HashMap<String, Instant> = HashMap::new();
     loop {
         match rx.recv_timeout(TICK) {
             Ok(Msg::Frame(f, frame)) => {
                 let Some(s) = states.get_mut(&f.stream) else {
                     continue;
                 };
+                arrived.insert(f.stream.clone(), Instant::now());
                 let make = |g: &rexomni::protocol::Geometry| {
                     frame.as_deref().and_then(|fr| super::snapshot::jpeg(fr, g))
                 };
@@ -205,6 +222,7 @@ fn run(
             }
             Ok(Msg::NoMotion(stream, t)) => {
                 if let Some(s) = states.get_mut(&stream) {
+                    arrived.insert(stream.clone(), Instant::now());
                     for o in &s.no_motion(t) {
                         sink(o);
                     }
@@ -215,9 +233,11 @@ fn run(
         }
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
-            let now = now_s();
-            for s in states.values_mut() {
-                for o in &s.tick(now) {
+            for (name, s) in states.iter_mut() {
+                let Some(at) = arrived.get(name) else {
+                    continue;
+                };
+                for o in &s.tick(at.elapsed().as_secs_f64()) {
                     sink(o);
                 }
             }

@@ -266,10 +266,17 @@ impl StreamEvents {
         out
     }
 
-    /// Wall-clock tick at `now`: when the stream has sent neither a frame nor a no-motion notice
-    /// for `max_disappeared_s` (camera gone), its objects end.
-    pub fn tick(&mut self, now: f64) -> Vec<Output> {
-        let r = self.tracker.expire(now);
+    /// The stream has sent neither a frame nor a no-motion notice for `silent_for_s` seconds of
+    /// wall-clock time (camera gone, stream ended): objects unseen for `max_disappeared_s` by then
+    /// end. Measured from the last arrival rather than against capture times, so a detector that
+    /// lags behind real time (seconds per frame on a CPU) never ends objects between two frames.
+    pub fn tick(&mut self, silent_for_s: f64) -> Vec<Output> {
+        if !self.last_activity.is_finite() {
+            return Vec::new();
+        }
+        let r = self
+            .tracker
+            .expire(self.last_activity + silent_for_s.max(0.0));
         let mut out = Vec::new();
         if !r.ended.is_empty() || !r.forgotten.is_empty() {
             self.finish_frame(r, &mut out);
