@@ -432,3 +432,173 @@ fn schema_accepts_every_geometry_and_rejects_broken_events() -> Result<()> {
     }
     Ok(())
 }
+
+/// The event store behind the HTTP endpoint: a scripted walk through zones A and B is recorded
+/// (events and a JPEG snapshot), then `GET /api/events` lists it (filtered by zone, label, time),
+/// `/api/events/<id>` returns it and `/api/events/<id>/snapshot.jpg` the JPEG. Bound beyond
+/// loopback, the API refuses requests without the bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_serves_events_over_http() -> Result<()> {
+    use rexstream::tracking::api::Api;
+    use rexstream::tracking::store::EventStore;
+    use rexstream::tracking::stream::{FrameObservation, StreamEvents};
+    let dir = TempDir::new("events-store")?;
+    let t0 = 1_800_000_000.0;
+    let (store, _) = EventStore::open(&dir.path().join("events.db"), 10.0, t0)?;
+    let store = Arc::new(store);
+    let mut s = StreamEvents::new(
+        "yard",
+        &EventsConfig::default(),
+        vec![zone("A", 0.0, 0.5), zone("B", 0.5, 1.0)],
+        vec![],
+    );
+    // A tiny valid JPEG stands in for the rendered frame (rendering is snapshot.rs's own test).
+    let jpeg: Vec<u8> = {
+        let mut v = vec![0xff, 0xd8, 0xff, 0xe0];
+        v.extend_from_slice(b"stand-in");
+        v.extend_from_slice(&[0xff, 0xd9]);
+        v
+    };
+    let make = |_: &Geometry| Some(jpeg.clone());
+    let mut outputs = Vec::new();
+    let mut x = 100.0;
+    let mut t = t0;
+    while x + 100.0 <= 1280.0 {
+        let f = FrameObservation {
+            stream: "yard".into(),
+            frame_time: t,
+            width: 1280,
+            height: 720,
+            model: "m".into(),
+            detections: vec![Detection {
+                label: "person".into(),
+                geometry: Geometry::Box {
+                    coords: [x, 350.0, x + 100.0, 650.0],
+                    norm: [0.0; 4],
+                },
+                score: Some(0.8),
+            }],
+        };
+        outputs.extend(s.on_frame(
+            &f,
+            Some(&make as rexstream::tracking::stream::SnapshotMaker<'_>),
+        ));
+        x += 150.0;
+        t += 1.0;
+    }
+    outputs.extend(s.finish());
+    let mut id = String::new();
+    for o in &outputs {
+        match o {
+            Output::Event(m) => {
+                id = m.after.id.clone();
+                store.record(m)?;
+            }
+            Output::Snapshot { id, jpeg, .. } => store.snapshot(id, jpeg)?,
+            _ => {}
+        }
+    }
+    assert!(
+        outputs.iter().any(|o| matches!(o, Output::Snapshot { .. })),
+        "a snapshot was taken"
+    );
+
+    let api = Arc::new(std::sync::OnceLock::new());
+    let _ = api.set(Api {
+        store: store.clone(),
+        token: None,
+        loopback: true,
+    });
+    let metrics = Arc::new(Metrics::new());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr, server) =
+        rexstream::http::serve_with("127.0.0.1:0".parse()?, metrics, Some(api), async {
+            let _ = rx.await;
+        })
+        .await?;
+    let port = addr.port();
+    let get =
+        |path: String| tokio::task::spawn_blocking(move || rexstream_e2e::http_get(port, &path));
+    let (code, body) = get("/api/events".into()).await??;
+    assert_eq!(code, 200, "{body}");
+    let list: Value = serde_json::from_str(&body)?;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list:#}");
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["zones"], serde_json::json!(["A", "B"]));
+    assert_eq!(list[0]["has_snapshot"], true);
+    assert!(list[0]["end_time"].is_number());
+    for (q, n) in [
+        ("?zone=B", 1),
+        ("?zone=C", 0),
+        ("?label=person&camera=yard", 1),
+        ("?label=car", 0),
+        (&*format!("?after={}", t0 - 1.0), 1),
+        (&*format!("?before={}", t0 - 1.0), 0),
+        ("?limit=1", 1),
+    ] {
+        let (code, body) = get(format!("/api/events{q}")).await??;
+        assert_eq!(code, 200, "{q}: {body}");
+        let v: Value = serde_json::from_str(&body)?;
+        assert_eq!(v.as_array().map(Vec::len), Some(n), "{q}: {v:#}");
+    }
+    let (code, _) = get("/api/events?limit=nope".into()).await??;
+    assert_eq!(code, 400);
+    let (code, body) = get(format!("/api/events/{id}")).await??;
+    assert_eq!(code, 200);
+    assert_eq!(serde_json::from_str::<Value>(&body)?["label"], "person");
+    let (code, _) = get("/api/events/1.000000-nosuch".into()).await??;
+    assert_eq!(code, 404);
+    // The snapshot bytes come back as stored (read raw: the body is binary).
+    let raw = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        write!(c, "GET /api/events/{id}/snapshot.jpg HTTP/1.0\r\n\r\n")?;
+        let mut v = Vec::new();
+        c.read_to_end(&mut v)?;
+        Ok(v)
+    })
+    .await??;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("head")?
+        + 4;
+    assert!(String::from_utf8_lossy(&raw[..split]).contains("image/jpeg"));
+    assert_eq!(&raw[split..], &jpeg[..]);
+    let _ = tx.send(());
+    server.await?;
+
+    // Beyond loopback: token required.
+    let open = Api {
+        store: store.clone(),
+        token: Some("s3cret".into()),
+        loopback: false,
+    };
+    let head = |auth: &str| format!("GET /api/events HTTP/1.1\r\n{auth}\r\n\r\n");
+    assert_eq!(
+        open.route(&head(""), "/api/events", "").map(|r| r.0),
+        Some("403 Forbidden")
+    );
+    assert_eq!(
+        open.route(&head("Authorization: Bearer nope"), "/api/events", "")
+            .map(|r| r.0),
+        Some("403 Forbidden")
+    );
+    assert_eq!(
+        open.route(&head("authorization: Bearer s3cret"), "/api/events", "")
+            .map(|r| r.0),
+        Some("200 OK")
+    );
+    let closed = Api {
+        store,
+        token: None,
+        loopback: false,
+    };
+    assert_eq!(
+        closed
+            .route(&head("Authorization: Bearer s3cret"), "/api/events", "")
+            .map(|r| r.0),
+        Some("403 Forbidden")
+    );
+    Ok(())
+}
