@@ -44,6 +44,12 @@ pub struct PipelineConfig {
     /// Also write every detections document as one JSON line to stdout (`path = "-"`) or a file.
     #[serde(default)]
     pub jsonl: Option<JsonlConfig>,
+    /// Tracked-object events (new/update/end, counts, snapshots, store); on when present.
+    #[serde(default)]
+    pub events: Option<crate::tracking::EventsConfig>,
+    /// Home Assistant MQTT discovery (needs `[events]`).
+    #[serde(default)]
+    pub homeassistant: Option<crate::tracking::HomeAssistantConfig>,
 }
 
 /// `[model]`: the detector worker's settings.
@@ -274,6 +280,7 @@ impl PipelineConfig {
                 errs.push("broker", "the embedded broker is only used without [mqtt]; remove one of the two sections".to_string());
             }
         }
+        crate::tracking::config::validate_pipeline(&self, &mut errs);
         let mut names = std::collections::HashMap::new();
         let mut streams = Vec::new();
         for (i, s) in self.streams.iter().enumerate() {

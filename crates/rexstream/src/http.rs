@@ -44,6 +44,17 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with(addr, metrics, None, shutdown).await
+}
+
+/// [`serve`], plus the event API (`/api/events…`, tracking::api) when `api` is given. The API is
+/// set once the event store is open (after the bind, so `/healthz` answers early).
+pub async fn serve_with(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    api: Option<Arc<std::sync::OnceLock<crate::tracking::api::Api>>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("metrics.listen: cannot bind {addr}: {e}"))
     })?;
@@ -64,8 +75,10 @@ pub async fn serve(
             match accepted {
                 Ok((stream, peer)) => {
                     let metrics = metrics.clone();
+                    let api = api.clone();
                     tokio::spawn(async move {
-                        if let Err(error) = handle(stream, &metrics).await {
+                        let api = api.as_deref().and_then(|a| a.get());
+                        if let Err(error) = handle(stream, &metrics, api).await {
                             debug!(message = "HTTP request failed.", %peer, %error);
                         }
                         drop(permit);
@@ -82,19 +95,23 @@ pub async fn serve(
     Ok((local, task))
 }
 
-async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn handle(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    api: Option<&crate::tracking::api::Api>,
+) -> std::io::Result<()> {
     let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
         Ok(r) => r?,
         Err(_) => return Ok(()),
     };
-    let (status, content_type, body) = route(&head, metrics);
+    let (status, content_type, body) = route(&head, metrics, api);
     let mut resp = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
     if !head.starts_with("HEAD ") {
-        resp.extend_from_slice(body.as_bytes());
+        resp.extend_from_slice(&body);
     }
     stream.write_all(&resp).await?;
     stream.shutdown().await
@@ -115,36 +132,43 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
 }
 
 /// Status line, content type and body for a request head.
-fn route(head: &str, metrics: &Metrics) -> (&'static str, &'static str, String) {
+fn route(
+    head: &str,
+    metrics: &Metrics,
+    api: Option<&crate::tracking::api::Api>,
+) -> (&'static str, &'static str, Vec<u8>) {
     let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
     let (method, target) = (
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or_default(),
     );
-    // Prometheus may add query parameters; routes ignore them.
-    let path = target.split('?').next().unwrap_or_default();
+    // Prometheus may add query parameters; routes ignore them (the event API reads its own).
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if method != "GET" && method != "HEAD" {
         return (
             "405 Method Not Allowed",
             "text/plain; charset=utf-8",
-            "only GET\n".into(),
+            b"only GET\n".to_vec(),
         );
+    }
+    if let Some(r) = api.and_then(|a| a.route(head, path, query)) {
+        return r;
     }
     match path {
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics.encode(),
+            metrics.encode().into_bytes(),
         ),
         "/healthz" => {
             let body = serde_json::to_string(&metrics.health())
                 .unwrap_or_else(|e| format!("{{\"status\":\"error\",\"error\":\"{e}\"}}"));
-            ("200 OK", "application/json", body)
+            ("200 OK", "application/json", body.into_bytes())
         }
         _ => (
             "404 Not Found",
             "text/plain; charset=utf-8",
-            "routes: /metrics /healthz\n".into(),
+            b"routes: /metrics /healthz\n".to_vec(),
         ),
     }
 }

@@ -12,6 +12,7 @@
 //! - `shutdown`: the injected stop signal; `run`: wires all of it for `rexstream run`.
 //! - `shard`: which streams this replica owns when scaled out.
 //! - `detect`: the `rexstream detect` subcommand (one image → JSON).
+//! - `tracking`: detections → tracked objects → new/update/end events, zones, counts (issue 13).
 pub mod config;
 pub mod detect;
 pub mod event;
@@ -24,3 +25,4 @@ pub mod shard;
 pub mod shutdown;
 pub mod sinks;
 pub mod slot;
+pub mod tracking;

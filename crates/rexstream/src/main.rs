@@ -42,6 +42,9 @@ enum Command {
     Run(run::RunArgs),
     /// Run one image through the model and print its detections as JSON.
     Detect(detect::DetectArgs),
+    /// Re-run tracking, zones and events on recorded detections documents (JSON lines) and print
+    /// the events as JSON lines; `--publish` also sends them to the pipeline's broker.
+    Replay(rexstream::tracking::replay::ReplayArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +66,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Detect(args) => detect::run(args),
+        Command::Replay(args) => rexstream::tracking::replay::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -110,12 +110,16 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
 
     // HTTP first: /healthz answers while the model loads.
     let sd = shutdown.clone();
-    let (http_addr, http_task) =
-        rexstream::http::serve(pipeline.raw.metrics.listen, metrics.clone(), async move {
-            sd.wait().await
-        })
-        .await
-        .with_context(|| format!("{file}: metrics.listen"))?;
+    // The event API (issue 13) joins the endpoint once the event store is open.
+    let api = Arc::new(std::sync::OnceLock::new());
+    let (http_addr, http_task) = rexstream::http::serve_with(
+        pipeline.raw.metrics.listen,
+        metrics.clone(),
+        Some(api.clone()),
+        async move { sd.wait().await },
+    )
+    .await
+    .with_context(|| format!("{file}: metrics.listen"))?;
 
     // MQTT: the configured broker, or the embedded one.
     let prompts = Arc::new(PromptTable::new(
@@ -138,7 +142,29 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
         Some(j) => Some(JsonlSink::open(j).map_err(|e| anyhow!("{file}: {e}"))?),
         None => None,
     };
-    let sinks = Arc::new(Sinks::new(Some(mqtt.handle()), jsonl, metrics.clone()));
+    let mut sinks = Sinks::new(Some(mqtt.handle()), jsonl, metrics.clone());
+    // Tracked-object events (issue 13): their own thread beside the sinks, output through the
+    // same MQTT outbox as documents.
+    let events = rexstream::tracking::runtime::start_for(&pipeline, mqtt.handle(), prompts.clone())
+        .with_context(|| format!("{file}: events"))?;
+    if let Some(e) = &events {
+        sinks = sinks.with_events(e.runtime.handle());
+        if let Some(store) = &e.store {
+            let token_env = pipeline
+                .raw
+                .events
+                .as_ref()
+                .and_then(|c| c.api_token_env.clone());
+            let _ = api.set(rexstream::tracking::api::Api {
+                store: store.clone(),
+                token: token_env
+                    .and_then(|k| std::env::var(k).ok())
+                    .filter(|t| !t.is_empty()),
+                loopback: http_addr.ip().is_loopback(),
+            });
+        }
+    }
+    let sinks = Arc::new(sinks);
 
     // The model, on its own thread; wait for it to load (or fail) before opening cameras.
     let (credits_tx, credits_rx) = std::sync::mpsc::sync_channel::<()>(1);
@@ -246,6 +272,11 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
     let _ = joins.await;
     if !worker_finished {
         let _ = worker_done.await;
+    }
+    if let Some(e) = events {
+        // The worker (and its handle) is gone: end every object, so `end`s reach the outbox
+        // before it is flushed.
+        let _ = tokio::task::spawn_blocking(move || e.runtime.close()).await;
     }
     let report = mqtt.close(FLUSH_TIMEOUT).await;
     if report.undelivered > 0 {

@@ -294,7 +294,8 @@ impl Worker {
             };
             let sm = &self.ctx.streams[p.frame.stream_index];
             self.ctx.metrics.record_document(sm, &doc);
-            self.ctx.sinks.publish(sm, &doc);
+            // The frame goes along for event snapshots (moved, not copied).
+            self.ctx.sinks.publish_frame(sm, &doc, p.frame);
             debug!(message = "Frame processed.", stream = %doc.stream, seq = doc.seq, detections = doc.detections.len(), tokens = output_tokens);
         }
     }

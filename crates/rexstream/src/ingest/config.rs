@@ -83,6 +83,12 @@ pub struct StreamConfig {
     /// `task = "visual_prompting"`.
     #[serde(default)]
     pub boxes: Vec<[f64; 4]>,
+    /// Named areas of the frame for events (`[[streams.zones]]`, issue 13): see `tracking::zones`.
+    #[serde(default)]
+    pub zones: Vec<crate::tracking::zones::ZoneConfig>,
+    /// Events only for objects that entered one of these zones (empty = every object).
+    #[serde(default)]
+    pub required_zones: Vec<String>,
 }
 
 const fn default_latency_ms() -> u32 {
@@ -259,6 +265,8 @@ pub struct ResolvedStream {
     pub reconnect_max: Duration,
     pub auth_retry: Duration,
     pub prompt: TaskPrompt,
+    pub zones: Vec<crate::tracking::zones::ZoneConfig>,
+    pub required_zones: Vec<String>,
 }
 
 /// True for names usable as one MQTT topic level and a Prometheus label value without escaping.
@@ -476,6 +484,8 @@ impl StreamConfig {
             reconnect_max: Duration::from_secs_f64(self.reconnect_max_s),
             auth_retry: Duration::from_secs_f64(self.auth_retry_s),
             prompt,
+            zones: self.zones.clone(),
+            required_zones: self.required_zones.clone(),
         })
     }
 }

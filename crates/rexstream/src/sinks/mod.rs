@@ -71,6 +71,8 @@ impl SinkError {
 pub struct Sinks {
     pub mqtt: Option<mqtt::MqttHandle>,
     pub jsonl: Option<jsonl::JsonlSink>,
+    /// The events thread (tracking, zones, events; `[events]`), fed beside the other sinks.
+    pub events: Option<crate::tracking::runtime::EventsHandle>,
     metrics: Arc<Metrics>,
 }
 
@@ -83,7 +85,28 @@ impl Sinks {
         Self {
             mqtt,
             jsonl,
+            events: None,
             metrics,
+        }
+    }
+
+    /// Also hand every document to the events thread.
+    pub fn with_events(mut self, events: crate::tracking::runtime::EventsHandle) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// [`Sinks::publish`], and the frame itself to the events thread (for snapshots). Takes the
+    /// frame by value: the worker is done with it, so nothing is copied.
+    pub fn publish_frame(
+        &self,
+        stream: &Arc<StreamMetrics>,
+        doc: &DetectionsDocument,
+        frame: crate::ingest::frame::Frame,
+    ) {
+        self.publish_documents(stream, doc);
+        if let Some(e) = &self.events {
+            e.document(doc, Some(frame));
         }
     }
 
@@ -91,6 +114,13 @@ impl Sinks {
     /// documents go into the bounded outbox (its overflow policy applies), the JSON-lines sink
     /// writes one line. Safe to call from the detector worker thread.
     pub fn publish(&self, stream: &Arc<StreamMetrics>, doc: &DetectionsDocument) {
+        self.publish_documents(stream, doc);
+        if let Some(e) = &self.events {
+            e.document(doc, None);
+        }
+    }
+
+    fn publish_documents(&self, stream: &Arc<StreamMetrics>, doc: &DetectionsDocument) {
         let payload = match doc.to_json() {
             Ok(p) => p,
             Err(error) => {

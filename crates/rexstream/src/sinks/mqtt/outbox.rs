@@ -43,6 +43,8 @@ pub struct Entry<T> {
     pub id: u64,
     pub topic: String,
     pub payload: Vec<u8>,
+    /// Publish with the MQTT retain flag (counts, snapshots); documents and events are not.
+    pub retain: bool,
     pub tag: T,
     /// When it was pushed: `publish` stage latency is measured from here to the acknowledgement.
     pub enqueued: Instant,
@@ -80,10 +82,23 @@ impl<T> Outbox<T> {
 
     /// Queue a document behind everything already queued.
     pub fn push(&mut self, topic: String, payload: Vec<u8>, tag: T) -> Pushed<T> {
+        self.push_message(topic, payload, false, tag)
+    }
+
+    /// Queue any message (retained or not) behind everything already queued: events, counts and
+    /// snapshots share the line with documents, so their relative order survives outages.
+    pub fn push_message(
+        &mut self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        tag: T,
+    ) -> Pushed<T> {
         let entry = Entry {
             id: self.next_id,
             topic,
             payload,
+            retain,
             tag,
             enqueued: Instant::now(),
         };

@@ -71,7 +71,9 @@ pub fn install_crypto_provider() {
 
 /// State shared between the pushing side (any thread) and the sink task.
 struct Shared {
-    outbox: Mutex<Outbox<Arc<StreamMetrics>>>,
+    /// Tagged with the stream's metrics for detections documents; `None` for other messages
+    /// (events, counts, snapshots, discovery), which are not counted as published documents.
+    outbox: Mutex<Outbox<Option<Arc<StreamMetrics>>>>,
     notify: Notify,
     prefix: String,
     metrics: Arc<Metrics>,
@@ -94,18 +96,48 @@ impl MqttHandle {
         seq: u64,
         payload: Vec<u8>,
     ) {
+        let topic = format!("{}/{}/detections", self.shared.prefix, stream_name);
+        self.push(topic, payload, false, Some(stream.clone()), seq);
+    }
+
+    /// Queue any message for `<prefix>/<suffix>` (events, counts, snapshots), in the same outbox
+    /// and order as documents, with the configured QoS.
+    pub fn publish_message(&self, suffix: &str, payload: Vec<u8>, retain: bool) {
+        let topic = format!("{}/{}", self.shared.prefix, suffix);
+        self.push(topic, payload, retain, None, 0);
+    }
+
+    /// Queue a message for an absolute topic (Home Assistant discovery lives outside the prefix).
+    pub fn publish_absolute(&self, topic: String, payload: Vec<u8>, retain: bool) {
+        self.push(topic, payload, retain, None, 0);
+    }
+
+    /// The topic prefix (`[mqtt] prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.shared.prefix
+    }
+
+    fn push(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        tag: Option<Arc<StreamMetrics>>,
+        seq: u64,
+    ) {
         let s = &self.shared;
-        let topic = format!("{}/{}/detections", s.prefix, stream_name);
         let (pushed, depth) = {
             let mut o = s.outbox.lock().unwrap_or_else(|p| p.into_inner());
-            let pushed = o.push(topic, payload, stream.clone());
+            let pushed = o.push_message(topic, payload, retain, tag);
             (pushed, o.len())
         };
         s.metrics.mqtt_outbox_depth.set(depth as i64);
+        let name =
+            |t: &Option<Arc<StreamMetrics>>| t.as_ref().map(|t| t.name.clone()).unwrap_or_default();
         let dropped = match pushed {
             Pushed::Queued => None,
-            Pushed::DroppedOldest(e) => Some(("drop_oldest", e.tag.name.clone())),
-            Pushed::Refused(e) => Some(("drop_newest", e.tag.name.clone())),
+            Pushed::DroppedOldest(e) => Some(("drop_oldest", name(&e.tag))),
+            Pushed::Refused(e) => Some(("drop_newest", name(&e.tag))),
         };
         if let Some((policy, victim_stream)) = dropped {
             s.metrics.mqtt_outbox_dropped.inc();
@@ -496,13 +528,13 @@ impl SinkLoop {
                     None
                 } else {
                     o.next_unsent()
-                        .map(|e| (e.id, e.topic.clone(), e.payload.clone()))
+                        .map(|e| (e.id, e.topic.clone(), e.payload.clone(), e.retain))
                 }
             };
-            let Some((id, topic, payload)) = next else {
+            let Some((id, topic, payload, retain)) = next else {
                 return;
             };
-            self.send(Sent::Doc(id), topic, false, payload);
+            self.send(Sent::Doc(id), topic, retain, payload);
             if !self.connected {
                 return;
             }
@@ -564,9 +596,13 @@ impl SinkLoop {
                 };
                 self.metrics.mqtt_outbox_depth.set(depth as i64);
                 if let Some(e) = entry {
-                    e.tag.published(SinkKind::Mqtt);
-                    self.metrics
-                        .observe_stage(Stage::Publish, e.enqueued.elapsed());
+                    // Only detections documents count as published documents and feed the
+                    // `publish` stage latency; events, counts and snapshots ride along untagged.
+                    if let Some(tag) = &e.tag {
+                        tag.published(SinkKind::Mqtt);
+                        self.metrics
+                            .observe_stage(Stage::Publish, e.enqueued.elapsed());
+                    }
                 }
             }
             Sent::Offline => self.offline = OfflineState::Acked,
