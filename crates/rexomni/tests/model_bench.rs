@@ -5,8 +5,10 @@
 //!   steps; prints CPU time per stage. `BENCH_DTYPE=f32|bf16` (default bf16: 7.5 GB of weights);
 //!   `BENCH_TEXT_LAYERS=9` builds only 9 of the 36 decoder layers (f32 in ~7 GB of RAM).
 //!   `cargo test -p rexomni --test model_bench -- --ignored --nocapture bench_3b`
-//! - `bf16_agreement_tiny`: bf16 vs the float32 transformers references on the tiny checkpoints: vision
-//!   relative error, greedy-id agreement. `cargo test -p rexomni --test model_bench -- --ignored --nocapture bf16`
+//!
+//! bf16 agreement is not measured here but asserted in CI by `model_tiny_detector.rs`
+//! (`bf16_greedy_agrees_with_f32`, on the trained checkpoint, whose greedy margins are real; the random tiny
+//! checkpoints' greedy steps are near-ties, so agreement on them says nothing).
 //! - `tiny_stage_times`: f32 CPU time per stage on the tiny checkpoints.
 #![cfg(feature = "model")]
 
@@ -120,52 +122,6 @@ fn request(c: &Case) -> GenerateRequest {
         grid_thw: c.grid_thw,
         prompt_ids: c.prompt_ids.clone(),
     }
-}
-
-#[test]
-#[ignore]
-fn bf16_agreement_tiny() {
-    let cases = cases();
-    let params = GenerateParams {
-        max_new_tokens: 24,
-        repetition_penalty: 1.05,
-        top_logprobs: 0,
-    };
-    let (mut same, mut total, mut first_same) = (0usize, 0usize, 0usize);
-    for name in MODELS {
-        let engine = load_engine(name, DType::BF16);
-        let r = reference(name);
-        for (i, c) in cases.iter().enumerate() {
-            let emb = engine
-                .model()
-                .encode_image(&c.pixel_values, c.grid_thw)
-                .unwrap();
-            let want = &r[&format!("case{i}.vision_embeds")];
-            let rel = rel_diff(&emb, want);
-            let out = engine.generate(&[request(c)], &params).unwrap().remove(0);
-            let ids: Vec<u32> = r[&format!("case{i}.greedy_ids")]
-                .to_vec1::<i64>()
-                .unwrap()
-                .iter()
-                .map(|&x| x as u32)
-                .collect();
-            let prefix = out
-                .token_ids
-                .iter()
-                .zip(&ids)
-                .take_while(|(a, b)| a == b)
-                .count();
-            same += prefix;
-            total += ids.len();
-            first_same += usize::from(out.token_ids.first() == ids.first());
-            eprintln!("bf16 {name} case{i}: vision max|Δ|/max|ref| {rel:.3}, greedy ids agree for the first {prefix}/24");
-        }
-    }
-    eprintln!(
-        "bf16 vs f32 reference: first token agrees {first_same}/{}; {same}/{total} ids ({:.0}%) inside the agreeing prefix",
-        2 * cases.len(),
-        100.0 * same as f64 / total as f64
-    );
 }
 
 #[test]
