@@ -4,7 +4,7 @@
 # the Prometheus rule tests, and the CUDA build check (compiles and links the CUDA code without a GPU).
 #
 #   scripts/test.sh                      # everything
-#   REXSTREAM_SKIP_CUDA_BUILD=1 scripts/test.sh   # skip the CUDA compile check (it takes ~10 min)
+#   REXSTREAM_SKIP_CUDA_BUILD=1 scripts/test.sh   # skip the CUDA compile check (its first build takes 25-60 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,22 +19,31 @@ if [ "$skip_cuda" != 1 ]; then
   [ -x scripts/cuda-build-check.sh ] || fail "scripts/cuda-build-check.sh is missing or not executable"
 fi
 
+# Each step prints its wall time, so a CI log says where the minutes go (docs/operations.md keeps the figures).
+t_start=$SECONDS
+t_step=$SECONDS
+step_done() { echo "== $1 took $((SECONDS - t_step)) s (total $((SECONDS - t_start)) s)"; t_step=$SECONDS; }
+
 scripts/setup.sh
+step_done "setup"
 # shellcheck disable=SC1091
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
 echo "== cargo test --workspace"
 cargo test --workspace --no-fail-fast
+step_done "cargo test --workspace"
 
 echo "== promtool"
 command -v promtool >/dev/null || fail "promtool not found (scripts/setup.sh installs it)"
 promtool check rules deploy/prometheus/rules.yml
 for t in "${rule_tests[@]}"; do promtool test rules "$t"; done
+step_done "promtool"
 
 if [ "$skip_cuda" = 1 ]; then
   echo "== CUDA build check SKIPPED (REXSTREAM_SKIP_CUDA_BUILD=1)"
 else
   echo "== CUDA build check (no GPU needed)"
   scripts/cuda-build-check.sh
+  step_done "CUDA build check"
 fi
 echo "== all tests passed"
