@@ -169,7 +169,7 @@ impl StreamIngest {
                                 if matches!(end, AttemptEnd::Refused | AttemptEnd::Silent(_)) {
                                     // A forced transport: say what failed, not GStreamer's text.
                                     detail = format!(
-                                        "{} (transport = \"{}\" allows no other); {detail}",
+                                        "{} (transport = \"{}\" allows no other)",
                                         end.describe(t),
                                         t.protocols()
                                     );
@@ -183,6 +183,11 @@ impl StreamIngest {
                                     transport = %to,
                                     because = %because
                                 );
+                                // A short pause: a shared server media torn down by the refused
+                                // attempt answers 503 for a moment.
+                                if shutdown.sleep(self.cfg.reconnect_min) {
+                                    break;
+                                }
                                 continue;
                             }
                             Next::Exhausted { because } => {
@@ -555,6 +560,9 @@ fn classify_error(
     }
     let refusal = |t: &str| {
         t.contains("No supported stream was found")
+            // uridecodebin re-posts that error as "missing a plug-in" with rtspsrc's SETUP
+            // function in the debug text.
+            || t.contains("gst_rtspsrc_setup_streams_start")
             || t.contains("Unsupported transport")
             || t.contains("(461)")
     };
