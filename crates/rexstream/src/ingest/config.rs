@@ -75,6 +75,9 @@ pub struct StreamConfig {
     /// `task = "visual_prompting"`.
     #[serde(default)]
     pub boxes: Vec<[f64; 4]>,
+    /// `[streams.motion]`: drop frames of a still scene before the detector (on by default).
+    #[serde(default)]
+    pub motion: super::motion::MotionConfig,
 }
 
 const fn default_latency_ms() -> u32 {
@@ -244,6 +247,7 @@ pub struct ResolvedStream {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub prompt: TaskPrompt,
+    pub motion: super::motion::MotionConfig,
 }
 
 /// True for names usable as one MQTT topic level and a Prometheus label value without escaping.
@@ -342,6 +346,7 @@ impl StreamConfig {
             );
         }
         positive(errs, "no_frame_timeout_s", self.no_frame_timeout_s);
+        self.motion.validate(&at("motion"), errs);
         positive(errs, "reconnect_min_s", self.reconnect_min_s);
         positive(errs, "reconnect_max_s", self.reconnect_max_s);
         if self.reconnect_max_s.is_finite()
@@ -459,6 +464,7 @@ impl StreamConfig {
             reconnect_min: Duration::from_secs_f64(self.reconnect_min_s),
             reconnect_max: Duration::from_secs_f64(self.reconnect_max_s),
             prompt,
+            motion: self.motion.clone(),
         })
     }
 }

@@ -4,6 +4,7 @@
 //! Layout:
 //! - `config`: the `[[streams]]` section, secret-holding [`config::SecretUri`].
 //! - `frame`: [`frame::Frame`], copied out of an appsink sample on the streaming thread.
+//! - `motion`: the `[streams.motion]` gate between the appsink and the slot (drops still frames).
 //! - `pipeline`: the per-stream OS thread: build → play → watch the bus and the no-frame watchdog →
 //!   tear down → back off → rebuild.
 //!
@@ -11,6 +12,7 @@
 
 pub mod config;
 pub mod frame;
+pub mod motion;
 pub mod pipeline;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};

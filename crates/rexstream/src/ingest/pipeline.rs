@@ -29,6 +29,7 @@ use tracing::{debug, error, info, info_span, warn};
 
 use super::config::{FrameFormat, ResolvedStream, SourceKind, Transport};
 use super::frame::Frame;
+use super::motion::MotionStage;
 use super::{StreamState, StreamStatus};
 use crate::metrics::{ReconnectReason, StreamMetrics};
 use crate::shutdown::Shutdown;
@@ -51,6 +52,8 @@ pub struct StreamIngest {
     pub status: Arc<StreamStatus>,
     /// This stream's handles: frames received, up, reconnects{reason}.
     pub metrics: Arc<StreamMetrics>,
+    /// The motion gate in front of the slot; `None` when `[streams.motion] enabled = false`.
+    pub motion: Option<Arc<MotionStage>>,
 }
 
 /// How one pipeline run ended.
@@ -199,6 +202,11 @@ impl StreamIngest {
             self.metrics.up.clone(),
         );
         let seq = seq.clone();
+        let motion = self.motion.clone();
+        if let Some(m) = &motion {
+            // After a reconnect the scene may have changed while nothing arrived: serve the first frame.
+            m.restart();
+        }
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
@@ -210,7 +218,10 @@ impl StreamIngest {
                             if status.frame_arrived() {
                                 up.set(1);
                             }
-                            slot.put(frame);
+                            // The gate drops (and counts) frames of a still scene here, before the slot.
+                            if motion.as_ref().is_none_or(|m| m.admit(&frame)) {
+                                slot.put(frame);
+                            }
                             Ok(gst::FlowSuccess::Ok)
                         }
                         Err(e) => {
@@ -495,6 +506,7 @@ mod tests {
             slot: slot.clone(),
             status: status.clone(),
             metrics: sm,
+            motion: None,
         };
         let shutdown = Shutdown::new();
         let t = ing.spawn(shutdown.clone()).unwrap();
