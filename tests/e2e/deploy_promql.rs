@@ -286,10 +286,12 @@ fn pipeline_toml(model: &Path, mqtt_port: u16, http_port: u16, cams: &[(&str, St
          [metrics]\nlisten = \"127.0.0.1:{http_port}\"\n",
         model.display()
     );
+    // Motion gating off: cam-b is a still pattern and every panel needs frames through the detector.
     for (name, uri) in cams {
         s.push_str(&format!(
             "\n[[streams]]\nname = \"{name}\"\nuri = \"{uri}\"\nmax_fps = 4\ncategories = [\"person\", \"ball\"]\n\
-             no_frame_timeout_s = 3\nreconnect_min_s = 0.5\nreconnect_max_s = 2\n"
+             no_frame_timeout_s = 3\nreconnect_min_s = 0.5\nreconnect_max_s = 2\n\
+             [streams.motion]\nenabled = false\n"
         ));
     }
     s

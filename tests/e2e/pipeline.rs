@@ -43,6 +43,8 @@ fn write_config(
     http_port: u16,
     cams: &[Cam],
 ) -> Result<std::path::PathBuf> {
+    // Motion gating off: these tests count documents from still patterns (smpte), which the gate would
+    // drop (tests/e2e/motion_gate.rs covers the gate).
     let mut t = format!(
         "[model]\nmax_batch = 2\nmax_new_tokens = {MAX_NEW_TOKENS}\n\n[mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt_port}\"\n\n\
          [metrics]\nlisten = \"127.0.0.1:{http_port}\"\n"
@@ -51,7 +53,8 @@ fn write_config(
         let cats: Vec<String> = c.categories.iter().map(|c| format!("{c:?}")).collect();
         t.push_str(&format!(
             "\n[[streams]]\nname = \"{}\"\nuri = \"{}\"\nsource = \"rtspsrc\"\ntransport = \"tcp\"\nlatency_ms = 0\n\
-             max_fps = {}\nno_frame_timeout_s = 5\ncategories = [{}]\n",
+             max_fps = {}\nno_frame_timeout_s = 5\ncategories = [{}]\n\
+             [streams.motion]\nenabled = false\n",
             c.name,
             c.url,
             c.max_fps,

@@ -44,11 +44,13 @@ fn config(
     flaky: &str,
     steady: &str,
 ) -> Result<std::path::PathBuf> {
+    // Motion gating off: the steady stream is a still pattern whose processing is counted.
     let stream = |name: &str, url: &str| {
         format!(
             "[[streams]]\nname = \"{name}\"\nuri = \"{url}\"\nsource = \"rtspsrc\"\ntransport = \"tcp\"\n\
              latency_ms = 0\nmax_fps = {MAX_FPS}\nno_frame_timeout_s = {NO_FRAME_TIMEOUT_S}\n\
-             reconnect_min_s = 0.25\nreconnect_max_s = 1.0\ncategories = [\"ball\"]\n\n"
+             reconnect_min_s = 0.25\nreconnect_max_s = 1.0\ncategories = [\"ball\"]\n\
+             [streams.motion]\nenabled = false\n\n"
         )
     };
     let text = format!(

@@ -4,6 +4,7 @@
 //! and detection frames/s for N concurrent requests with a fixed number of output tokens; prints a table and
 //! writes JSON. The model is the real 3B config with seeded random weights (no download), any config.json, or a
 //! checkpoint folder. It links no GStreamer, so the binary can be copied alone to a GPU host.
+//! `--scenarios` instead replays generated clips with each work-saving feature off and on (`scenarios`).
 //!
 //! The same measurements with HF transformers: `tests/reference/bench_hf.py` (docs/benchmarks.md).
 
@@ -13,6 +14,7 @@
 mod drafts;
 mod measure;
 mod random_weights;
+mod scenarios;
 
 use std::path::PathBuf;
 
@@ -29,7 +31,8 @@ use random_weights::RandomWeights;
     about = "Benchmark Rex-Omni stage by stage (preprocess, vision, prefill, decode, frames/s)",
     after_help = "Examples:\n  rexbench --config real --dtype bf16 --device cuda:0 --json h100.json\n  \
                   rexbench --config real --save-checkpoint /tmp/rex-random   # then bench_hf.py --model /tmp/rex-random\n  \
-                  rexbench --model /tmp/rex-random --dtype f32 --batches 1,4 --concurrent 1,4"
+                  rexbench --model /tmp/rex-random --dtype f32 --batches 1,4 --concurrent 1,4\n  \
+                  rexbench --scenarios --model tests/fixtures/tiny-untied --dtype f32 --output-tokens 16"
 )]
 struct Args {
     /// Checkpoint folder to load (as `rexstream --model`). Without it, random weights are built from --config.
@@ -75,6 +78,16 @@ struct Args {
     /// Frames per drafts scenario (identical, slow change), each served with drafts off and on; 0 skips it.
     #[arg(long, default_value_t = 0)]
     drafts_frames: usize,
+    /// Run the work-saving scenarios (generated clips: still, slow change, object crossing; each feature off
+    /// and on) instead of the stage measurements. Frames are --image-size; answers --output-tokens long.
+    #[arg(long)]
+    scenarios: bool,
+    /// Frames per scenario (5 frames/s: 300 = one minute).
+    #[arg(long, default_value_t = 300)]
+    scenario_frames: usize,
+    /// With --scenarios: count model calls only, load and run no model.
+    #[arg(long)]
+    calls_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,6 +95,15 @@ fn main() -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let (w, h) = parse_size(&args.image_size)?;
+    let scenario_plan = scenarios::ScenarioPlan {
+        image_size: (w, h),
+        frames: args.scenario_frames,
+        output_tokens: args.output_tokens,
+    };
+    if args.scenarios && args.calls_only {
+        let rows = scenarios::run(None, &scenario_plan)?;
+        return finish_scenarios(&rows, args.json.as_deref());
+    }
 
     let started = std::time::Instant::now();
     let (model, source) = match &args.model {
@@ -137,6 +159,11 @@ fn main() -> anyhow::Result<()> {
             )
         })?;
 
+    if args.scenarios {
+        let rows = scenarios::run(Some((&model, &tokenizer)), &scenario_plan)?;
+        return finish_scenarios(&rows, args.json.as_deref());
+    }
+
     let plan = measure::Plan {
         image_size: (w, h),
         batches: args.batches.clone(),
@@ -171,6 +198,19 @@ fn main() -> anyhow::Result<()> {
         let mut doc = serde_json::to_value(&report)?;
         doc["drafts"] = serde_json::to_value(&drafts)?;
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("rexbench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn finish_scenarios(
+    rows: &[scenarios::ScenarioRow],
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    print!("{}", scenarios::table(rows));
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(rows)?)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("rexbench: wrote {}", path.display());
     }

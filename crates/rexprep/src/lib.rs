@@ -8,6 +8,8 @@
 //! - `resize`: Pillow 10.4 bicubic, bit-exact (spec §1.4).
 //! - `normalize`: CLIP rescale + normalise as a lookup table (spec §1.5).
 //! - `patchify`: temporal duplication and 2×2 merge-group patch order (spec §1.6).
+//! - `motion`: the motion gate (small luma image against a running background, serve rule); used by
+//!   rexstream's ingest and by rexbench's scenarios, not by `prepare`.
 //! - `cuda` (feature `cuda`): the same computation as CUDA kernels on device buffers.
 //! - `tensor` (feature `candle`): a frame → `pixel_values` as a candle tensor on the engine's device,
 //!   through the CUDA kernels on a GPU (the values never visit the host) or the CPU path.
@@ -17,6 +19,7 @@
 mod color;
 mod error;
 mod frame;
+pub mod motion;
 pub mod normalize;
 pub mod patchify;
 pub mod resize;

@@ -64,14 +64,17 @@ pub enum DropReason {
     DetectorError,
     /// Taken but never run because the process was shutting down.
     Shutdown,
+    /// Dropped by the motion gate before the slot: a still scene (`[streams.motion]`).
+    NoMotion,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::Superseded,
         DropReason::Invalid,
         DropReason::DetectorError,
         DropReason::Shutdown,
+        DropReason::NoMotion,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -79,6 +82,7 @@ impl DropReason {
             DropReason::Invalid => "invalid",
             DropReason::DetectorError => "detector_error",
             DropReason::Shutdown => "shutdown",
+            DropReason::NoMotion => "no_motion",
         }
     }
 }
@@ -199,6 +203,7 @@ pub struct Metrics {
     frames_processed: IntCounterVec,
     frames_dropped: IntCounterVec,
     stream_up: IntGaugeVec,
+    motion_active: IntGaugeVec,
     reconnects: IntCounterVec,
     end_to_end: HistogramVec,
     stage_latency: Vec<Histogram>,
@@ -230,6 +235,8 @@ pub struct StreamMetrics {
     dropped: HashMap<DropReason, IntCounter>,
     /// 1 while frames are flowing, 0 while the source is down or reconnecting.
     pub up: IntGauge,
+    /// 1 while the motion gate sees motion (`ingest::motion`), else 0.
+    pub motion_active: IntGauge,
     reconnects: HashMap<ReconnectReason, IntCounter>,
     /// True while the source's last answer was 401 (shown in `/healthz`, not a metric: the
     /// `reason="unauthorized"` reconnects already count it).
@@ -357,13 +364,19 @@ impl Metrics {
             frames_dropped: counter_vec(
                 &r,
                 "rexstream_frames_dropped_total",
-                "Frames not processed, by reason (superseded, invalid, detector_error, shutdown).",
+                "Frames not processed, by reason (superseded, invalid, detector_error, shutdown, no_motion).",
                 &["stream", "reason"],
             ),
             stream_up: gauge_vec(
                 &r,
                 "rexstream_stream_up",
                 "1 while the stream's source delivers frames, else 0.",
+                &["stream"],
+            ),
+            motion_active: gauge_vec(
+                &r,
+                "rexstream_motion_active",
+                "1 while the stream's motion gate sees motion (frames go to the detector), else 0.",
                 &["stream"],
             ),
             reconnects: counter_vec(
@@ -469,6 +482,7 @@ impl Metrics {
                 })
                 .collect(),
             up: self.stream_up.with_label_values(&[stream]),
+            motion_active: self.motion_active.with_label_values(&[stream]),
             reconnects: ReconnectReason::ALL
                 .iter()
                 .map(|r| (*r, self.reconnects.with_label_values(&[stream, r.as_str()])))

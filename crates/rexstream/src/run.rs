@@ -18,6 +18,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use rexomni::engine::GenerateParams;
 use rexstream::config::Pipeline;
+use rexstream::ingest::motion::MotionStage;
 use rexstream::ingest::pipeline::StreamIngest;
 use rexstream::ingest::StreamStatus;
 use rexstream::metrics::{BrokerMode, Metrics};
@@ -215,12 +216,22 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
             status: status.clone(),
             min_interval: cfg.min_interval,
         });
+        let motion = cfg.motion.enabled.then(|| {
+            Arc::new(MotionStage::new(
+                &cfg.name,
+                &cfg.motion,
+                prompts.clone(),
+                Some(mqtt.handle()),
+                stream_metrics[i].clone(),
+            ))
+        });
         let ingest = StreamIngest {
             index: i,
             cfg: cfg.clone(),
             slot,
             status,
             metrics: stream_metrics[i].clone(),
+            motion,
         };
         ingest_threads.push(
             ingest

@@ -262,6 +262,10 @@ const KEYS: &[&str] = &[
     "categories",
     "keypoint_type",
     "boxes",
+    "enabled",
+    "threshold",
+    "min_area",
+    "refresh_s",
     "url",
     "prefix",
     "qos",
@@ -288,6 +292,7 @@ const HEADERS: &[&str] = &[
     "[[model]]",
     "[streams]",
     "[streams.x]",
+    "[streams.motion]",
     "[[mqtt]]",
     "[",
     "[[]]",
@@ -366,8 +371,36 @@ const POSITIVE_STREAM_FIELDS: &[&str] = &[
     "auth_retry_s",
 ];
 
+/// `[streams.motion]` fields and whether a value is acceptable (issue 12).
+fn motion_ok(field: &str, v: f64) -> bool {
+    match field {
+        "min_area" => v.is_finite() && v > 0.0 && v <= 1.0,
+        _ => v.is_finite() && v > 0.0 && v <= 365.0 * 24.0 * 3600.0, // refresh_s
+    }
+}
+
 proptest! {
     #![proptest_config(config())]
+
+    /// Motion gate settings: any f64 either passes or is rejected naming `streams[0].motion.<field>`.
+    #[test]
+    fn motion_settings_are_checked(field in prop::sample::select(&["min_area", "refresh_s"][..]),
+                                   v in prop_oneof![any::<f64>(), -1.0f64..2.0, 1e6f64..1e308],
+                                   threshold in prop_oneof![any::<i64>(), -5i64..300]) {
+        count("motion_settings_are_checked");
+        let mut text = render(&valid_lines());
+        text = text.replacen("[mqtt]", &format!("[streams.motion]\n{field} = {}\nthreshold = {threshold}\n[mqtt]", toml_float(v)), 1);
+        let ok = motion_ok(field, v) && (1..=255).contains(&threshold);
+        match check(&text) {
+            None => prop_assert!(ok, "{field} = {v}, threshold = {threshold} accepted"),
+            Some(msg) => {
+                prop_assert!(!ok, "valid {field} = {v}, threshold = {threshold} rejected: {msg}");
+                let named = (!motion_ok(field, v) && msg.contains(&format!("streams[0].motion.{field}: ")))
+                    || (!(1..=255).contains(&threshold) && msg.contains("streams[0].motion.threshold: "));
+                prop_assert!(named, "{field} = {v}, threshold = {threshold}: {msg}");
+            }
+        }
+    }
 
     /// Any Unicode text at all.
     #[test]

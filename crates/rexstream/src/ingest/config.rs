@@ -89,6 +89,9 @@ pub struct StreamConfig {
     /// Events only for objects that entered one of these zones (empty = every object).
     #[serde(default)]
     pub required_zones: Vec<String>,
+    /// `[streams.motion]`: drop frames of a still scene before the detector (on by default).
+    #[serde(default)]
+    pub motion: super::motion::MotionConfig,
 }
 
 const fn default_latency_ms() -> u32 {
@@ -267,6 +270,7 @@ pub struct ResolvedStream {
     pub prompt: TaskPrompt,
     pub zones: Vec<crate::tracking::zones::ZoneConfig>,
     pub required_zones: Vec<String>,
+    pub motion: super::motion::MotionConfig,
 }
 
 /// True for names usable as one MQTT topic level and a Prometheus label value without escaping.
@@ -365,6 +369,7 @@ impl StreamConfig {
             );
         }
         positive(errs, "no_frame_timeout_s", self.no_frame_timeout_s);
+        self.motion.validate(&at("motion"), errs);
         positive(errs, "reconnect_min_s", self.reconnect_min_s);
         positive(errs, "reconnect_max_s", self.reconnect_max_s);
         positive(errs, "auth_retry_s", self.auth_retry_s);
@@ -486,6 +491,7 @@ impl StreamConfig {
             prompt,
             zones: self.zones.clone(),
             required_zones: self.required_zones.clone(),
+            motion: self.motion.clone(),
         })
     }
 }

@@ -5,6 +5,7 @@
 //! - `config`: the `[[streams]]` section, secret-holding [`config::SecretUri`].
 //! - `frame`: [`frame::Frame`], copied out of an appsink sample on the streaming thread.
 //! - `transport`: which RTP transport (TCP/UDP) the next RTSP attempt uses.
+//! - `motion`: the `[streams.motion]` gate between the appsink and the slot (drops still frames).
 //! - `pipeline`: the per-stream OS thread: build → play → watch the bus and the no-frame watchdog →
 //!   tear down → back off → rebuild.
 //!
@@ -12,6 +13,7 @@
 
 pub mod config;
 pub mod frame;
+pub mod motion;
 pub mod pipeline;
 pub mod transport;
 

@@ -30,6 +30,7 @@ use tracing::{debug, error, info, info_span, warn};
 use super::config::{FrameFormat, ResolvedStream, SourceKind};
 use super::frame::Frame;
 use super::transport::{AttemptEnd, Lower, Next, TransportChoice};
+use super::motion::MotionStage;
 use super::{StreamState, StreamStatus};
 use crate::metrics::{ReconnectReason, StreamMetrics};
 use crate::shutdown::Shutdown;
@@ -52,6 +53,8 @@ pub struct StreamIngest {
     pub status: Arc<StreamStatus>,
     /// This stream's handles: frames received, up, reconnects{reason}.
     pub metrics: Arc<StreamMetrics>,
+    /// The motion gate in front of the slot; `None` when `[streams.motion] enabled = false`.
+    pub motion: Option<Arc<MotionStage>>,
 }
 
 /// How one pipeline run ended.
@@ -269,6 +272,11 @@ impl StreamIngest {
             self.metrics.clone(),
         );
         let seq = seq.clone();
+        let motion = self.motion.clone();
+        if let Some(m) = &motion {
+            // After a reconnect the scene may have changed while nothing arrived: serve the first frame.
+            m.restart();
+        }
         sink.set_callbacks(
             gst_app::AppSinkCallbacks::builder()
                 .new_sample(move |sink| {
@@ -281,7 +289,10 @@ impl StreamIngest {
                                 up.set(1);
                                 metrics.unauthorized.store(false, Ordering::Relaxed);
                             }
-                            slot.put(frame);
+                            // The gate drops (and counts) frames of a still scene here, before the slot.
+                            if motion.as_ref().is_none_or(|m| m.admit(&frame)) {
+                                slot.put(frame);
+                            }
                             Ok(gst::FlowSuccess::Ok)
                         }
                         Err(e) => {
@@ -628,6 +639,7 @@ mod tests {
             slot: slot.clone(),
             status: status.clone(),
             metrics: sm,
+            motion: None,
         };
         let shutdown = Shutdown::new();
         let t = ing.spawn(shutdown.clone()).unwrap();

@@ -4,8 +4,9 @@
 //! In: documents pushed into the [`Outbox`] by [`MqttHandle::publish`] (detector worker thread,
 //! never blocks); MQTT packets from the broker. Out: `<prefix>/<stream>/detections` (QoS from
 //! config, not retained), `<prefix>/available` = `online`/`offline` (retained; `offline` is also
-//! the last will), `<prefix>/<stream>/prompt/state` (retained, the prompt in force), and accepted
-//! prompt changes written to the [`PromptTable`].
+//! the last will), `<prefix>/<stream>/prompt/state` (retained, the prompt in force), retained state
+//! topics such as `<prefix>/<stream>/motion` ([`MqttHandle::set_retained`]), and accepted prompt
+//! changes written to the [`PromptTable`].
 //!
 //! Two tokio tasks:
 //! - the *poll task* owns rumqttc's `EventLoop` and does nothing but `poll()` it and forward each
@@ -31,7 +32,7 @@
 //! `pending`, queued events), so no stale request can be sent after reconnect and be paired with
 //! the wrong document.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,10 @@ struct Shared {
     prefix: String,
     metrics: Arc<Metrics>,
     overflow_log: Mutex<(Option<Instant>, u64)>,
+    /// Retained state topics (suffix after `<prefix>/`) → (latest payload, not yet handed to the broker).
+    /// A state, not a stream of messages: only the latest value matters, so it bypasses the outbox; every
+    /// entry is sent again after a reconnect, because a broker without persistence forgot it.
+    retained: Mutex<BTreeMap<String, (Vec<u8>, bool)>>,
 }
 
 /// Cheap, cloneable handle to push documents into the MQTT sink.
@@ -158,6 +163,23 @@ impl MqttHandle {
         s.notify.notify_one();
     }
 
+    /// Set the retained state topic `<prefix>/<suffix>` (e.g. `door/motion` = `ON`). Never blocks; the
+    /// sink task publishes the latest value when connected, and again after each reconnect.
+    pub fn set_retained(&self, suffix: &str, payload: Vec<u8>) {
+        let s = &self.shared;
+        let changed = {
+            let mut r = s.retained.lock().unwrap_or_else(|p| p.into_inner());
+            let same = r.get(suffix).is_some_and(|(p, _)| *p == payload);
+            if !same {
+                r.insert(suffix.to_string(), (payload, true));
+            }
+            !same
+        };
+        if changed {
+            s.notify.notify_one();
+        }
+    }
+
     /// Documents in the outbox (queued or awaiting acknowledgement).
     pub fn outbox_len(&self) -> usize {
         self.shared
@@ -227,6 +249,7 @@ impl MqttSink {
             prefix: cfg.prefix.clone(),
             metrics: metrics.clone(),
             overflow_log: Mutex::new((None, 0)),
+            retained: Mutex::new(BTreeMap::new()),
         });
         let (events_tx, events_rx) = mpsc::channel(256);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -431,6 +454,7 @@ impl SinkLoop {
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {}
             }
             if self.connected && self.offline == OfflineState::NotSent {
+                self.publish_retained();
                 self.fill_window();
             }
             let Some(deadline) = flush_deadline else {
@@ -516,6 +540,28 @@ impl SinkLoop {
                     .inc_by(n.saturating_sub(1) as u64);
             }
             self.connected = false;
+        }
+    }
+
+    /// Publish every retained state not yet handed to the broker (see `Shared::retained`).
+    fn publish_retained(&mut self) {
+        let due: Vec<(String, Vec<u8>)> = {
+            let mut r = self
+                .shared
+                .retained
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            r.iter_mut()
+                .filter(|(_, (_, dirty))| *dirty)
+                .map(|(k, (p, dirty))| {
+                    *dirty = false;
+                    (k.clone(), p.clone())
+                })
+                .collect()
+        };
+        for (suffix, payload) in due {
+            let topic = format!("{}/{}", self.shared.prefix, suffix);
+            self.send(Sent::Other, topic, true, payload);
         }
     }
 
@@ -642,6 +688,16 @@ impl SinkLoop {
         // Re-announce every prompt in force: a restarted broker without persistence lost them.
         for stream in self.prompts.streams() {
             self.publish_state(&stream);
+        }
+        // The same for retained states: mark them all due; the main loop sends them.
+        for (_, dirty) in self
+            .shared
+            .retained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values_mut()
+        {
+            *dirty = true;
         }
     }
 
