@@ -46,6 +46,9 @@ pub struct DetectArgs {
     /// f32, bf16 or f16 (default: bf16 on CUDA, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Linear weights: bf16 (unquantized, in --dtype), q8 or q4 (quantized at load time).
+    #[arg(long, default_value = "bf16")]
+    pub weights: String,
     #[arg(long, default_value_t = 4096)]
     pub max_new_tokens: usize,
     /// Also print the top-K (id, logprob) of the pre-penalty distribution at every generated step.
@@ -121,11 +124,14 @@ pub fn run(args: DetectArgs) -> Result<()> {
 
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    let weights = rexomni::engine::Weights::parse(&args.weights)
+        .with_context(|| format!("--weights {:?}: expected bf16, q8 or q4", args.weights))?;
     let t_load = Instant::now();
     let model = RexOmni::load(&LoadOptions {
         source: args.model.clone(),
         device: device.clone(),
         dtype,
+        weights,
     })
     .with_context(|| format!("loading model {}", args.model))?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
