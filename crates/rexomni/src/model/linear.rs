@@ -267,3 +267,39 @@ impl LinearLoader {
 fn type_name(t: GgmlDType) -> String {
     format!("{t:?}").to_lowercase()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each block type on a layer wide enough for it, against the dense layer: the forward error relative to
+    /// the output's scale, and the chosen type (Q4K needs inputs in multiples of 256, Q4_0/Q8_0 of 32).
+    #[test]
+    fn quantized_forward_is_close_to_dense_and_picks_the_block_type_by_width() -> Result<()> {
+        let dev = Device::Cpu;
+        for (k, weights, ty, tol) in [
+            (512, Weights::Q4, GgmlDType::Q4K, 0.08),
+            (96, Weights::Q4, GgmlDType::Q4_0, 0.15),
+            (96, Weights::Q8, GgmlDType::Q8_0, 0.01),
+            (512, Weights::Q8, GgmlDType::Q8_0, 0.01),
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (64, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, 64, &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (3, 5, k), &dev)?;
+            let dense = LinearLoader::dense().from_weight(w.clone(), Some(b.clone()), "d")?;
+            let q = LinearLoader::new(weights, None).from_weight(w, Some(b), "q")?;
+            assert_eq!(q.quant_type(), Some(ty), "k={k}");
+            let (want, got) = (dense.forward(&x)?, q.forward(&x)?);
+            assert_eq!(got.dims(), &[3, 5, 64]);
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?
+                / want.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < tol, "{ty:?} k={k}: relative error {err}");
+        }
+        // Not a multiple of 32: stays dense and is reported.
+        let lin = LinearLoader::new(Weights::Q8, None);
+        let l = lin.from_weight(Tensor::zeros((8, 80), DType::F32, &dev)?, None, "odd")?;
+        assert_eq!(l.quant_type(), None);
+        assert_eq!(lin.report().kept_dense(), vec!["odd"]);
+        Ok(())
+    }
+}
