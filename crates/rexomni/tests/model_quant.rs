@@ -59,7 +59,10 @@ fn awq_layers_unpack_to_the_awq_formula() {
     assert_eq!(cfg.modules_to_not_convert, vec!["visual".to_string()]);
     let vb = unsafe {
         VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
+            &[
+                dir.join("model-00001-of-00002.safetensors"),
+                dir.join("model-00002-of-00002.safetensors"),
+            ],
             DType::F32,
             &Device::Cpu,
         )
@@ -213,14 +216,17 @@ fn agreement(name: &str, dtype: DType, weights: Weights) -> (Vec<(usize, usize)>
 fn quantized_tiny_fixtures_agree_with_the_f32_references() {
     // Bounds from the measured figures (docs/benchmarks.md) with headroom; f32 dense is token-exact.
     let table = [
-        ("tiny-tied", DType::F32, Weights::Q8, 0.02, 24),
-        ("tiny-tied", DType::F32, Weights::Q4, 0.15, 1),
-        ("tiny-untied", DType::F32, Weights::Q8, 0.02, 24),
-        ("tiny-untied", DType::F32, Weights::Q4, 0.15, 1),
-        ("tiny-awq", DType::F32, Weights::Q8, 0.02, 24),
-        ("tiny-awq", DType::F32, Weights::Q4, 0.02, 24),
-        ("tiny-tied", DType::BF16, Weights::Dense, 0.05, 1),
-        ("tiny-tied", DType::BF16, Weights::Q8, 0.05, 1),
+        // (model, dtype, weights, max case-0 last-logit error relative to the reference's scale, min common
+        // prefix of case 0's 24 ids). Bounds = measured (docs/benchmarks.md) with ~1.5x headroom; random tiny
+        // models have near-ties, so agreement is reported for all cases and asserted on case 0 only.
+        ("tiny-tied", DType::F32, Weights::Q8, 0.03, 8),
+        ("tiny-tied", DType::F32, Weights::Q4, 0.4, 0),
+        ("tiny-untied", DType::F32, Weights::Q8, 0.01, 24),
+        ("tiny-untied", DType::F32, Weights::Q4, 0.05, 3),
+        ("tiny-awq", DType::F32, Weights::Q8, 0.06, 24),
+        ("tiny-awq", DType::F32, Weights::Q4, 0.3, 2),
+        ("tiny-tied", DType::BF16, Weights::Dense, 0.02, 6),
+        ("tiny-tied", DType::BF16, Weights::Q8, 0.05, 6),
     ];
     let mut failures = Vec::new();
     for (name, dtype, weights, max_err, min_prefix_case0) in table {
