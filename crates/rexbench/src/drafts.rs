@@ -74,6 +74,7 @@ pub fn run(
                     drafts: vec![if drafts_on { previous.clone() } else { None }],
                     draft_block: 0,
                     max_objects: None,
+                    ..Default::default()
                 };
                 let out = generate_with_options(
                     model,

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Parser;
-use rexomni::model::{loading, Config, Qwen25Vl};
+use rexomni::model::{loading, Config, LinearLoader, Qwen25Vl, Weights};
 
 use random_weights::RandomWeights;
 
@@ -57,6 +57,9 @@ struct Args {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "bf16")]
     dtype: String,
+    /// Linear weights: bf16 (unquantized, in --dtype), q8 (ggml Q8_0) or q4 (ggml Q4K), quantized at load.
+    #[arg(long, default_value = "bf16")]
+    weights: String,
     /// Frame size WxH.
     #[arg(long, default_value = "640x480")]
     image_size: String,
@@ -94,6 +97,8 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
+    let weights = Weights::parse(&args.weights)
+        .with_context(|| format!("--weights: `{}` is not bf16, q8 or q4", args.weights))?;
     let (w, h) = parse_size(&args.image_size)?;
     let scenario_plan = scenarios::ScenarioPlan {
         image_size: (w, h),
@@ -108,7 +113,7 @@ fn main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let (model, source) = match &args.model {
         Some(dir) => (
-            loading::load_dir(dir, &device, dtype)?,
+            loading::load_dir_with(dir, &device, dtype, weights)?,
             dir.display().to_string(),
         ),
         None => {
@@ -118,7 +123,13 @@ fn main() -> anyhow::Result<()> {
             };
             let weights = RandomWeights::new(args.seed, args.save_checkpoint.is_some());
             let (vb, recorded) = weights.into_var_builder(dtype, &device);
-            let model = Qwen25Vl::new(cfg.clone(), vb.pp("visual"), vb.pp("model"), None)?;
+            let model = Qwen25Vl::new_with(
+                cfg.clone(),
+                vb.pp("visual"),
+                vb.pp("model"),
+                None,
+                &LinearLoader::new(weights, None),
+            )?;
             if let Some(dir) = &args.save_checkpoint {
                 let n = recorded.save(dir)?;
                 std::fs::write(
@@ -177,7 +188,10 @@ fn main() -> anyhow::Result<()> {
         &plan,
         &source,
         &args.device,
-        &args.dtype,
+        &match weights {
+            Weights::Dense => args.dtype.clone(),
+            w => format!("{}+{}", args.dtype, w.name()),
+        },
     )?;
     print!("{}", report.table());
     let drafts = if args.drafts_frames > 0 {

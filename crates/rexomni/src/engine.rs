@@ -6,10 +6,12 @@
 //! `<|im_end|>` / `<|endoftext|>` (rex-omni-spec.md §5.5). Runs on the caller's thread (the detector worker);
 //! the model is immutable, so `generate` takes `&self`.
 //!
-//! Batching: vision and prefill run per request (prompt lengths differ by hundreds of image tokens, and a
-//! prefill is already a large matmul); the caches are then left-padded to a common length and all active rows
-//! decode together, padded key slots masked with −∞ (an exact zero weight), finished rows dropped from the
-//! batch. Each row's ids are therefore those it gets alone (tested in tests/model_generate.rs).
+//! Batching: requests with the same image grid and the same prompt ids (frames of one size asking the same
+//! question) run vision and prefill together, one weight pass for all of them (`same_size_groups`); others
+//! run alone (prompt lengths differ by hundreds of image tokens). The caches are then left-padded to a
+//! common length and all active rows decode together, padded key slots masked with −∞ (an exact zero
+//! weight), finished rows dropped from the batch. Each row's ids are those it gets alone (tested in
+//! tests/model_generate.rs and tests/model_batching.rs).
 //!
 //! Drafts (exact speculative decoding, [`DecodeOptions::drafts`]): a row may carry the ids of the stream's
 //! previous answer. Each decode pass then feeds the row's last token plus up to `draft_block` draft ids in one
@@ -55,6 +57,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 pub use crate::model::ModelError;
+pub use crate::model::Weights;
 use crate::model::{KvCache, Qwen25Vl};
 use crate::protocol::RexTokenizer;
 
@@ -66,6 +69,8 @@ pub struct LoadOptions {
     pub source: String,
     pub device: Device,
     pub dtype: DType,
+    /// Linear weights dense in `dtype`, or quantized at load time (`[model] weights`).
+    pub weights: Weights,
 }
 
 pub struct GenerateRequest {
@@ -104,6 +109,9 @@ pub struct DecodeOptions {
     pub draft_block: usize,
     /// Runaway guard: stop a row after more than this many shapes or a repeated shape; `None` = off.
     pub max_objects: Option<usize>,
+    /// Run vision and prefill one request at a time instead of batching same-size requests (the baseline
+    /// [`generate_per_request`] measures against; the ids are the same either way).
+    pub per_request_prefill: bool,
 }
 
 /// Draft ids per verification pass: a 70-id answer is verified in 3 passes. On a GPU (memory-bound decode) a
@@ -150,7 +158,8 @@ impl RexOmni {
         let dir = crate::hub::resolve(&opts.source)?;
         let tokenizer =
             RexTokenizer::from_dir(&dir).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let model = crate::model::loading::load_dir(&dir, &opts.device, opts.dtype)?;
+        let model =
+            crate::model::loading::load_dir_with(&dir, &opts.device, opts.dtype, opts.weights)?;
         Ok(Self {
             model,
             tokenizer,
@@ -252,6 +261,41 @@ pub fn generate_with_budgets(
     generate_with_options(model, requests, params, budgets, &DecodeOptions::default())
 }
 
+/// As [`generate_with_budgets`] with vision and prefill run one request at a time (no same-size batching):
+/// the baseline the batching test and benchmark compare against.
+pub fn generate_per_request(
+    model: &Qwen25Vl,
+    requests: &[GenerateRequest],
+    params: &GenerateParams,
+    budgets: &[usize],
+) -> Result<Vec<GenerateOutput>, ModelError> {
+    let options = DecodeOptions {
+        per_request_prefill: true,
+        ..DecodeOptions::default()
+    };
+    generate_with_options(model, requests, params, budgets, &options)
+}
+
+/// Indices of `requests` grouped by (grid, prompt ids, pixel_values shape), groups in first-appearance order;
+/// with `batch` false every request is its own group.
+fn same_size_groups(requests: &[GenerateRequest], batch: bool) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        let found = groups.iter_mut().find(|g| {
+            let f = &requests[g[0]];
+            batch
+                && f.grid_thw == r.grid_thw
+                && f.prompt_ids == r.prompt_ids
+                && f.pixel_values.dims() == r.pixel_values.dims()
+        });
+        match found {
+            Some(g) => g.push(i),
+            None => groups.push(vec![i]),
+        }
+    }
+    groups
+}
+
 /// As [`generate_with_budgets`], with drafts and the runaway guard (module doc).
 pub fn generate_with_options(
     model: &Qwen25Vl,
@@ -289,65 +333,83 @@ pub fn generate_with_options(
     let dev = model.device().clone();
     let vocab = model.cfg.text.vocab_size;
     let use_drafts = drafts_are_exact(model);
+    // Per request, in request order: (row, prefill cache, step-0 logits).
+    let mut slots: Vec<Option<(Row, KvCache, Tensor)>> = requests.iter().map(|_| None).collect();
+    for group in same_size_groups(requests, !options.per_request_prefill) {
+        let first = &requests[group[0]];
+        let t0 = Instant::now();
+        let pvs: Vec<&Tensor> = group.iter().map(|&i| &requests[i].pixel_values).collect();
+        let embs = model
+            .encode_images(&pvs, first.grid_thw)
+            .map_err(|e| with_index(e, group[0]))?;
+        sync(&dev)?;
+        let t1 = Instant::now();
+        let prefills = model
+            .prefill_batch(&first.prompt_ids, &embs, first.grid_thw)
+            .map_err(|e| with_index(e, group[0]))?;
+        let l = first.prompt_ids.len();
+        let mut lasts = Vec::with_capacity(group.len());
+        for p in &prefills {
+            lasts.push(
+                model
+                    .logits(&p.hidden.narrow(1, l - 1, 1)?)?
+                    .flatten_all()?,
+            );
+        }
+        sync(&dev)?;
+        // A batched group's rows each report the group's wall time (what each frame waited).
+        let t2 = Instant::now();
+        for ((p, last), &index) in prefills.into_iter().zip(lasts).zip(&group) {
+            let r = &requests[index];
+            let draft = options
+                .drafts
+                .get(index)
+                .filter(|_| use_drafts)
+                .and_then(|d| d.as_ref())
+                // An id outside the vocabulary can never be picked: the draft ends there (and it could not be
+                // embedded).
+                .map(|d| {
+                    d.iter()
+                        .take_while(|&&t| (t as usize) < vocab)
+                        .copied()
+                        .collect::<Vec<u32>>()
+                })
+                .filter(|d| !d.is_empty())
+                .map(Draft::new);
+            let row = Row {
+                seen: r.prompt_ids.iter().copied().collect(),
+                out: GenerateOutput {
+                    token_ids: Vec::new(),
+                    logprobs: Vec::new(),
+                    top_logprobs: Vec::new(),
+                    stopped_on_eos: false,
+                    stop: StopReason::MaxNewTokens,
+                    timings: StageTimings {
+                        vision: t1 - t0,
+                        prefill: t2 - t1,
+                        decode: Duration::ZERO,
+                    },
+                    decode_forward_passes: 0,
+                    draft_accepted: 0,
+                    draft_rejected: 0,
+                },
+                base: l as i64 + p.rope_delta,
+                live: Vec::new(),
+                budget: budgets[index],
+                done: budgets[index] == 0,
+                draft,
+                guard: options.max_objects.map(Guard::new),
+            };
+            slots[index] = Some((row, p.cache, last));
+        }
+    }
     let mut rows = Vec::with_capacity(requests.len());
     let mut caches = Vec::with_capacity(requests.len());
     let mut first_logits = Vec::with_capacity(requests.len());
-    for (index, r) in requests.iter().enumerate() {
-        let t0 = Instant::now();
-        let emb = model
-            .encode_image(&r.pixel_values, r.grid_thw)
-            .map_err(|e| with_index(e, index))?;
-        sync(&dev)?;
-        let t1 = Instant::now();
-        let p = model
-            .prefill(&r.prompt_ids, &emb, r.grid_thw)
-            .map_err(|e| with_index(e, index))?;
-        let l = r.prompt_ids.len();
-        let last = model
-            .logits(&p.hidden.narrow(1, l - 1, 1)?)?
-            .flatten_all()?;
+    for (row, cache, last) in slots.into_iter().flatten() {
+        rows.push(row);
+        caches.push(cache);
         first_logits.push(last);
-        sync(&dev)?;
-        let t2 = Instant::now();
-        caches.push(p.cache);
-        let draft = options
-            .drafts
-            .get(index)
-            .filter(|_| use_drafts)
-            .and_then(|d| d.as_ref())
-            // An id outside the vocabulary can never be picked: the draft ends there (and it could not be embedded).
-            .map(|d| {
-                d.iter()
-                    .take_while(|&&t| (t as usize) < vocab)
-                    .copied()
-                    .collect::<Vec<u32>>()
-            })
-            .filter(|d| !d.is_empty())
-            .map(Draft::new);
-        rows.push(Row {
-            seen: r.prompt_ids.iter().copied().collect(),
-            out: GenerateOutput {
-                token_ids: Vec::new(),
-                logprobs: Vec::new(),
-                top_logprobs: Vec::new(),
-                stopped_on_eos: false,
-                stop: StopReason::MaxNewTokens,
-                timings: StageTimings {
-                    vision: t1 - t0,
-                    prefill: t2 - t1,
-                    decode: Duration::ZERO,
-                },
-                decode_forward_passes: 0,
-                draft_accepted: 0,
-                draft_rejected: 0,
-            },
-            base: l as i64 + p.rope_delta,
-            live: Vec::new(),
-            budget: budgets[index],
-            done: budgets[index] == 0,
-            draft,
-            guard: options.max_objects.map(Guard::new),
-        });
     }
     if rows.iter().all(|r| r.done) {
         return Ok(rows.into_iter().map(|r| r.out).collect());

@@ -50,6 +50,7 @@ fn run(
                 drafts,
                 draft_block: block,
                 max_objects: None,
+                ..Default::default()
             },
         )
         .unwrap()

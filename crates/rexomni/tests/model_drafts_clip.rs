@@ -59,6 +59,7 @@ fn clip_frames_with_the_previous_answer_as_draft_give_plain_greedy_ids() {
                         drafts: vec![draft],
                         draft_block: 0,
                         max_objects: None,
+                        ..Default::default()
                     },
                 )
                 .unwrap()

@@ -66,6 +66,11 @@ pub struct ModelConfig {
     /// `auto` (bf16 on CUDA, f32 on CPU), `f32`, `bf16` or `f16`.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// Linear layers (vision blocks, merger, decoder, lm_head): `bf16` (unquantized, in `dtype`), `q8`
+    /// (ggml Q8_0) or `q4` (ggml Q4K) quantized at load time; an AWQ checkpoint is converted from its int4
+    /// groups (docs/configuration.md).
+    #[serde(default = "default_weights")]
+    pub weights: String,
     /// Most frames per detector call; frames from different streams share one batched decode.
     #[serde(default = "default_max_batch")]
     pub max_batch: NonZeroUsize,
@@ -95,6 +100,9 @@ fn default_device() -> String {
 fn default_dtype() -> String {
     "auto".to_string()
 }
+fn default_weights() -> String {
+    "bf16".to_string()
+}
 const fn default_max_batch() -> NonZeroUsize {
     NonZeroUsize::new(4).expect("4 > 0")
 }
@@ -117,6 +125,7 @@ impl Default for ModelConfig {
             source: default_source(),
             device: default_device(),
             dtype: default_dtype(),
+            weights: default_weights(),
             max_batch: default_max_batch(),
             max_new_tokens: default_max_new_tokens(),
             repetition_penalty: default_repetition_penalty(),
@@ -142,6 +151,12 @@ impl ModelConfig {
             errs.push(
                 "model.dtype",
                 format!("{:?} is not one of auto, f32, bf16, f16", self.dtype),
+            );
+        }
+        if rexomni::engine::Weights::parse(&self.weights).is_none() {
+            errs.push(
+                "model.weights",
+                format!("{:?} is not one of bf16, q8, q4", self.weights),
             );
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {

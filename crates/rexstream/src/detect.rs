@@ -49,6 +49,9 @@ pub struct DetectArgs {
     /// f32, bf16 or f16 (default: bf16 on CUDA, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Linear weights: bf16 (unquantized, in --dtype), q8 or q4 (quantized at load time).
+    #[arg(long, default_value = "bf16")]
+    pub weights: String,
     #[arg(long, default_value_t = 4096)]
     pub max_new_tokens: usize,
     /// Also print the top-K (id, logprob) of the pre-penalty distribution at every generated step.
@@ -198,11 +201,14 @@ pub fn run(args: DetectArgs) -> Result<()> {
         device = device_name(&device),
         dtype = ?dtype
     );
+    let weights = rexomni::engine::Weights::parse(&args.weights)
+        .with_context(|| format!("--weights {:?}: expected bf16, q8 or q4", args.weights))?;
     let t_load = Instant::now();
     let model = RexOmni::load(&LoadOptions {
         source: args.model.clone(),
         device: device.clone(),
         dtype,
+        weights,
     })
     .with_context(|| format!("loading model {}", args.model))?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
@@ -237,6 +243,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
         drafts: vec![draft],
         draft_block: 0,
         max_objects: (!args.exact).then_some(args.max_objects),
+        ..Default::default()
     };
     let out = model
         .generate_with_options(

@@ -92,6 +92,7 @@ pub fn spawn(
     batches: Receiver<Batch>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let (device_spec, dtype_spec) = (model.device.clone(), model.dtype.clone());
+    let weights = rexomni::engine::Weights::parse(&model.weights).unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<anyhow::Result<()>>(1);
     let handle = std::thread::Builder::new()
         .name("detector".into())
@@ -101,7 +102,7 @@ pub fn spawn(
                 let dtype = pick_dtype(&dtype_spec, &device);
                 info!(message = "Loading model.", model = %source, device = ?device, dtype = ?dtype);
                 let t = Instant::now();
-                let engine = RexOmni::load(&LoadOptions { source: source.clone(), device, dtype })
+                let engine = RexOmni::load(&LoadOptions { source: source.clone(), device, dtype, weights })
                     .with_context(|| format!("model {source}: cannot load"))?;
                 info!(message = "Model loaded.", model = engine.model_id(), seconds = format!("{:.1}", t.elapsed().as_secs_f64()));
                 anyhow::Ok(engine)
@@ -210,6 +211,7 @@ impl Worker {
                 .collect(),
             draft_block: 0,
             max_objects: self.ctx.max_objects,
+            ..DecodeOptions::default()
         };
         let budgets = vec![self.ctx.params.max_new_tokens; requests.len()];
         let outputs = match self.engine.generate_with_options(

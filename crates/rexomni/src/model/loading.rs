@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use super::awq::AwqConfig;
+use super::linear::{LinearLoader, LoadReport, Weights};
 use super::{Config, ModelError, Qwen25Vl};
 
 /// Weight files of a checkpoint folder, in index order.
@@ -64,10 +66,32 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     })
 }
 
-/// Load a checkpoint folder in `dtype` on `device`.
+/// Load a checkpoint folder in `dtype` on `device`, linear weights dense.
 pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen25Vl, ModelError> {
+    load_dir_with(dir, device, dtype, Weights::Dense)
+}
+
+/// Load a checkpoint folder in `dtype` on `device` with the linear layers held as `weights` (an AWQ
+/// checkpoint's layers are converted from its int4 groups, see `awq`).
+pub fn load_dir_with(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    weights: Weights,
+) -> Result<Qwen25Vl, ModelError> {
+    load_dir_report(dir, device, dtype, weights).map(|(m, _)| m)
+}
+
+/// As [`load_dir_with`], also returning what was done with each linear layer (tests, rexbench).
+pub fn load_dir_report(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    weights: Weights,
+) -> Result<(Qwen25Vl, LoadReport), ModelError> {
     let cfg_path = dir.join("config.json");
     let cfg = Config::from_file(&cfg_path)?;
+    let awq = AwqConfig::from_config_file(&cfg_path)?;
     let files = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; candle copies every tensor out (to `dtype` / the device)
     // while building the layers, and we never write to them. Concurrent truncation by another process would be
@@ -97,11 +121,37 @@ pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Qwen25Vl, M
         }
         None
     };
-    Qwen25Vl::new(cfg, vb.pp(vision_prefix), vb.pp(text_prefix), lm_head).map_err(|e| match e {
-        ModelError::Candle(c) => ModelError::Weights {
-            path: dir.to_path_buf(),
-            msg: c.to_string(),
-        },
-        other => other,
-    })
+    let is_awq = awq.is_some();
+    let lin = LinearLoader::new(weights, awq);
+    let model = Qwen25Vl::new_with(cfg, vb.pp(vision_prefix), vb.pp(text_prefix), lm_head, &lin)
+        .map_err(|e| match e {
+            ModelError::Candle(c) => ModelError::Weights {
+                path: dir.to_path_buf(),
+                msg: c.to_string(),
+            },
+            other => other,
+        })?;
+    let report = lin.report();
+    let counts: Vec<String> = report
+        .counts()
+        .iter()
+        .map(|(t, n)| format!("{t}={n}"))
+        .collect();
+    tracing::info!(
+        message = "Linear layers loaded.",
+        dir = %dir.display(),
+        weights = weights.name(),
+        awq = is_awq,
+        layers = %counts.join(" "),
+    );
+    let dense = report.kept_dense();
+    if !dense.is_empty() {
+        tracing::warn!(
+            message = "Some linear layers stay unquantized: their input width is not a multiple of 32, the ggml block size.",
+            weights = weights.name(),
+            count = dense.len(),
+            first = dense[0],
+        );
+    }
+    Ok((model, report))
 }

@@ -6,8 +6,10 @@
 //! positions, masks); the sub-networks are `vision` and `text`. Generation policy lives in `crate::engine`.
 
 pub mod attention;
+pub mod awq;
 pub mod config;
 pub mod cpu_bf16;
+pub mod linear;
 pub mod loading;
 pub mod rope;
 pub mod text;
@@ -19,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use config::{Config, TextConfig, VisionConfig};
+pub use linear::{LinearLoader, Weights};
 pub use text::KvCache;
 
 /// Everything that can go wrong loading or running the model.
@@ -75,10 +78,21 @@ impl Qwen25Vl {
         text_vb: VarBuilder,
         lm_head: Option<VarBuilder>,
     ) -> Result<Self, ModelError> {
+        Self::new_with(cfg, vision_vb, text_vb, lm_head, &LinearLoader::dense())
+    }
+
+    /// As [`Qwen25Vl::new`], with the linear layers built by `lin` (quantized, or from AWQ tensors).
+    pub fn new_with(
+        cfg: Config,
+        vision_vb: VarBuilder,
+        text_vb: VarBuilder,
+        lm_head: Option<VarBuilder>,
+        lin: &LinearLoader,
+    ) -> Result<Self, ModelError> {
         let device = text_vb.device().clone();
         let dtype = text_vb.dtype();
-        let vision = vision::VisionTower::new(&cfg.vision, vision_vb)?;
-        let text = text::TextModel::new(&cfg.text, text_vb, lm_head)?;
+        let vision = vision::VisionTower::new(&cfg.vision, vision_vb, lin)?;
+        let text = text::TextModel::new(&cfg.text, text_vb, lm_head, lin)?;
         Ok(Self {
             cfg,
             vision,
@@ -102,6 +116,15 @@ impl Qwen25Vl {
         grid_thw: [usize; 3],
     ) -> Result<Tensor, ModelError> {
         Ok(self.vision.forward(pixel_values, grid_thw)?)
+    }
+
+    /// Vision tower over several images of the same `grid_thw` in one pass (see `VisionTower::forward_batch`).
+    pub fn encode_images(
+        &self,
+        pixel_values: &[&Tensor],
+        grid_thw: [usize; 3],
+    ) -> Result<Vec<Tensor>, ModelError> {
+        Ok(self.vision.forward_batch(pixel_values, grid_thw)?)
     }
 
     /// Text embeddings with the image rows spliced into the `<|image_pad|>` slots, in order (spec §3.5).
@@ -166,6 +189,49 @@ impl Qwen25Vl {
             rope_delta,
             positions,
         })
+    }
+
+    /// Causal prefill of one prompt `ids` for several images of the same `grid_thw` as one `[B, L]` batch
+    /// (same ids → same positions and mask); returns one [`Prefill`] per image, each with its own cache rows.
+    pub fn prefill_batch(
+        &self,
+        ids: &[u32],
+        image_embeds: &[Tensor],
+        grid_thw: [usize; 3],
+    ) -> Result<Vec<Prefill>, ModelError> {
+        if image_embeds.len() == 1 {
+            return Ok(vec![self.prefill(ids, &image_embeds[0], grid_thw)?]);
+        }
+        let m = self.cfg.vision.spatial_merge_size;
+        let (lh, lw) = (grid_thw[1] / m, grid_thw[2] / m);
+        let embeds = image_embeds
+            .iter()
+            .map(|e| self.splice(ids, e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let embeds = Tensor::stack(&embeds, 0)?;
+        let (positions, rope_delta) = rope::mrope_positions(ids, self.cfg.image_token_id, lh, lw);
+        let (cos, sin) = self.cos_sin(&positions)?;
+        let l = ids.len();
+        let causal = text::causal_mask(0, l, 0, l, &self.device)?;
+        let mask = move |start: usize, rows: usize| causal.narrow(2, start, rows).map(Some);
+        let mut cache = KvCache::new(self.cfg.text.num_hidden_layers);
+        let hidden = self.text.forward(&embeds, &cos, &sin, &mask, &mut cache)?;
+        (0..image_embeds.len())
+            .map(|b| {
+                let mut row = KvCache::new(cache.layers.len());
+                for (dst, src) in row.layers.iter_mut().zip(&cache.layers) {
+                    if let Some((k, v)) = src {
+                        *dst = Some((k.narrow(0, b, 1)?, v.narrow(0, b, 1)?));
+                    }
+                }
+                Ok(Prefill {
+                    hidden: hidden.narrow(0, b, 1)?,
+                    cache: row,
+                    rope_delta,
+                    positions: positions.clone(),
+                })
+            })
+            .collect()
     }
 
     /// f32 logits for hidden rows `[.., hidden]`.

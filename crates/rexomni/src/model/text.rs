@@ -7,11 +7,11 @@
 //! `qwen3_vl` bugs we avoid: 1-D RoPE, no causal mask in prefill).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{linear_b, linear_no_bias, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use super::attention::{attend, MAX_SCORE_ELEMS};
 use super::config::TextConfig;
-use super::cpu_bf16::linear_forward;
+use super::linear::{linear_forward, Linear, LinearLoader};
 
 /// Keys and values per layer, `[B, kv_heads, T, head_dim]`, grown by concatenation. Plain data: rows can be
 /// dropped (`select_rows`) when a sequence of the batch finishes.
@@ -76,7 +76,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, lin: &LinearLoader) -> Result<Self> {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let a = vb.pp("self_attn");
         let m = vb.pp("mlp");
@@ -84,17 +84,17 @@ impl Layer {
             input_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             post_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
             attn: Attention {
-                q: linear_b(h, cfg.num_attention_heads * hd, true, a.pp("q_proj"))?,
-                k: linear_b(h, cfg.num_key_value_heads * hd, true, a.pp("k_proj"))?,
-                v: linear_b(h, cfg.num_key_value_heads * hd, true, a.pp("v_proj"))?,
-                o: linear_no_bias(cfg.num_attention_heads * hd, h, a.pp("o_proj"))?,
+                q: lin.load(h, cfg.num_attention_heads * hd, true, a.pp("q_proj"))?,
+                k: lin.load(h, cfg.num_key_value_heads * hd, true, a.pp("k_proj"))?,
+                v: lin.load(h, cfg.num_key_value_heads * hd, true, a.pp("v_proj"))?,
+                o: lin.load(cfg.num_attention_heads * hd, h, false, a.pp("o_proj"))?,
                 heads: cfg.num_attention_heads,
                 kv_heads: cfg.num_key_value_heads,
                 head_dim: hd,
             },
-            gate: linear_no_bias(h, i, m.pp("gate_proj"))?,
-            up: linear_no_bias(h, i, m.pp("up_proj"))?,
-            down: linear_no_bias(i, h, m.pp("down_proj"))?,
+            gate: lin.load(h, i, false, m.pp("gate_proj"))?,
+            up: lin.load(h, i, false, m.pp("up_proj"))?,
+            down: lin.load(i, h, false, m.pp("down_proj"))?,
         })
     }
 }
@@ -213,14 +213,19 @@ pub struct TextModel {
 impl TextModel {
     /// `vb` points at the decoder prefix (`model` or `model.language_model`); `lm_head` is the separate
     /// `lm_head.weight` when the checkpoint has one, else the embedding (tied, spec §3.1).
-    pub fn new(cfg: &TextConfig, vb: VarBuilder, lm_head_vb: Option<VarBuilder>) -> Result<Self> {
+    pub fn new(
+        cfg: &TextConfig,
+        vb: VarBuilder,
+        lm_head_vb: Option<VarBuilder>,
+        lin: &LinearLoader,
+    ) -> Result<Self> {
         let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, vb.pp("layers").pp(i)))
+            .map(|i| Layer::new(cfg, vb.pp("layers").pp(i), lin))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = match lm_head_vb {
-            Some(vb) => linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb)?,
-            None => Linear::new(embed.embeddings().clone(), None),
+            Some(vb) => lin.load(cfg.hidden_size, cfg.vocab_size, false, vb)?,
+            None => lin.from_weight(embed.embeddings().clone(), None, "lm_head (tied)")?,
         };
         Ok(Self {
             norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,

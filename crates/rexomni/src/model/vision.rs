@@ -7,10 +7,11 @@
 //! permutation. Runs on whatever thread calls it; one image per call.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear_b, Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
 use super::attention::{attend, MAX_SCORE_ELEMS};
 use super::config::VisionConfig;
+use super::linear::{Linear, LinearLoader};
 use super::rope;
 
 struct Block {
@@ -25,11 +26,14 @@ struct Block {
     head_dim: usize,
 }
 
-/// Per-image attention layout shared by all blocks of one forward.
+/// Attention layout shared by all blocks of one forward over `images` same-size images.
 struct Layout {
+    /// Images in the batch; each holds `rows / images` consecutive rows of the block input.
+    images: usize,
     cos: Tensor,
     sin: Tensor,
-    /// Window gather: `[n_windows * wmax]` rows of the permuted sequence (padding slots point at row 0).
+    /// Window gather: `[n_windows * wmax]` rows of the permuted sequence (padding slots point at the image's
+    /// row 0); `n_windows` counts the windows of all images.
     gather: Tensor,
     /// Rows of the padded `[n_windows * wmax]` output that are real patches, in order.
     valid: Tensor,
@@ -40,16 +44,16 @@ struct Layout {
 }
 
 impl Block {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, lin: &LinearLoader) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
             norm1: candle_nn::rms_norm(h, 1e-6, vb.pp("norm1"))?,
             norm2: candle_nn::rms_norm(h, 1e-6, vb.pp("norm2"))?,
-            qkv: linear_b(h, 3 * h, true, vb.pp("attn").pp("qkv"))?,
-            proj: linear_b(h, h, true, vb.pp("attn").pp("proj"))?,
-            gate: linear_b(h, i, true, vb.pp("mlp").pp("gate_proj"))?,
-            up: linear_b(h, i, true, vb.pp("mlp").pp("up_proj"))?,
-            down: linear_b(i, h, true, vb.pp("mlp").pp("down_proj"))?,
+            qkv: lin.load(h, 3 * h, true, vb.pp("attn").pp("qkv"))?,
+            proj: lin.load(h, h, true, vb.pp("attn").pp("proj"))?,
+            gate: lin.load(h, i, true, vb.pp("mlp").pp("gate_proj"))?,
+            up: lin.load(h, i, true, vb.pp("mlp").pp("up_proj"))?,
+            down: lin.load(i, h, true, vb.pp("mlp").pp("down_proj"))?,
             heads: cfg.num_heads,
             head_dim: cfg.head_dim(),
         })
@@ -65,19 +69,19 @@ impl Block {
     }
 
     fn attn(&self, x: &Tensor, lay: &Layout, full: bool) -> Result<Tensor> {
-        let (n, hidden) = x.dims2()?;
+        let (rows, hidden) = x.dims2()?;
+        let (imgs, n) = (lay.images, rows / lay.images);
         let dtype = x.dtype();
         // qkv rows are [q | k | v], each heads × head_dim (spec §2.4).
         let qkv = self
             .qkv
             .forward(x)?
-            .reshape((n, 3, self.heads, self.head_dim))?;
-        // [1, heads, N, hd]; RoPE in f32 then back to the model dtype (HF apply_rotary_pos_emb_vision).
+            .reshape((imgs, n, 3, self.heads, self.head_dim))?;
+        // [images, heads, N, hd]; RoPE in f32 then back to the model dtype (HF apply_rotary_pos_emb_vision).
         let part = |i: usize| -> Result<Tensor> {
-            qkv.narrow(1, i, 1)?
-                .squeeze(1)?
-                .transpose(0, 1)?
-                .unsqueeze(0)?
+            qkv.narrow(2, i, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
                 .contiguous()
         };
         let rot = |t: Tensor| -> Result<Tensor> {
@@ -89,16 +93,14 @@ impl Block {
         let v = part(2)?;
         let out = if full {
             // One sequence per image: cu_seqlens = [0, N] (spec §2.2 step 5), no mask.
-            attend(&q, &k, &v, MAX_SCORE_ELEMS, |_, _| Ok(None))?
-                .squeeze(0)?
-                .transpose(0, 1)?
+            attend(&q, &k, &v, MAX_SCORE_ELEMS, |_, _| Ok(None))?.transpose(1, 2)?
         } else {
             // Batch the windows: [nw, heads, wmax, hd], padded keys masked out, padded query rows dropped.
             let (nw, w) = (lay.n_windows, lay.wmax);
             let win = |t: &Tensor| -> Result<Tensor> {
-                t.squeeze(0)?
-                    .transpose(0, 1)?
+                t.transpose(1, 2)?
                     .contiguous()?
+                    .reshape((rows, self.heads, self.head_dim))?
                     .index_select(&lay.gather, 0)?
                     .reshape((nw, w, self.heads, self.head_dim))?
                     .transpose(1, 2)?
@@ -111,7 +113,7 @@ impl Block {
                 .reshape((nw * w, self.heads, self.head_dim))?
                 .index_select(&lay.valid, 0)?
         };
-        self.proj.forward(&out.reshape((n, hidden))?)
+        self.proj.forward(&out.reshape((rows, hidden))?)
     }
 }
 
@@ -125,7 +127,7 @@ pub struct VisionTower {
 }
 
 impl VisionTower {
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder, lin: &LinearLoader) -> Result<Self> {
         let (h, t, p, c) = (
             cfg.hidden_size,
             cfg.temporal_patch_size,
@@ -139,7 +141,7 @@ impl VisionTower {
             .get((h, c, t, p, p), "weight")?
             .reshape((h, cfg.patch_dim()))?;
         let blocks = (0..cfg.depth)
-            .map(|i| Block::new(cfg, vb.pp("blocks").pp(i)))
+            .map(|i| Block::new(cfg, vb.pp("blocks").pp(i), lin))
             .collect::<Result<Vec<_>>>()?;
         let unit = cfg.spatial_merge_size * cfg.spatial_merge_size;
         let m = vb.pp("merger");
@@ -147,8 +149,8 @@ impl VisionTower {
             patch_w,
             blocks,
             ln_q: candle_nn::rms_norm(h, 1e-6, m.pp("ln_q"))?,
-            mlp0: linear_b(h * unit, h * unit, true, m.pp("mlp").pp("0"))?,
-            mlp2: linear_b(h * unit, cfg.out_hidden_size, true, m.pp("mlp").pp("2"))?,
+            mlp0: lin.load(h * unit, h * unit, true, m.pp("mlp").pp("0"))?,
+            mlp2: lin.load(h * unit, cfg.out_hidden_size, true, m.pp("mlp").pp("2"))?,
             cfg: cfg.clone(),
         })
     }
@@ -159,47 +161,76 @@ impl VisionTower {
 
     /// `pixel_values`: `[gh·gw, patch_dim]` (any float dtype, any device); `grid_thw = [1, gh, gw]`.
     pub fn forward(&self, pixel_values: &Tensor, grid_thw: [usize; 3]) -> Result<Tensor> {
+        Ok(self.forward_batch(&[pixel_values], grid_thw)?.remove(0))
+    }
+
+    /// Several images of the same `grid_thw` in one pass: the linear layers see all rows at once (one
+    /// weight read per layer instead of one per image), attention stays within each image. Returns one
+    /// `[gh·gw/4, out_hidden]` tensor per image.
+    pub fn forward_batch(
+        &self,
+        pixel_values: &[&Tensor],
+        grid_thw: [usize; 3],
+    ) -> Result<Vec<Tensor>> {
         let cfg = &self.cfg;
         let [gt, gh, gw] = grid_thw;
         let merge = cfg.spatial_merge_size;
         let n = gt * gh * gw;
-        let (rows, cols) = pixel_values.dims2()?;
-        if gt != 1 || gh % merge != 0 || gw % merge != 0 || rows != n || cols != cfg.patch_dim() {
-            candle_core::bail!(
-                "vision input: pixel_values {rows}x{cols} with grid_thw {grid_thw:?}; expected [gh*gw, {}] with t=1 and even gh, gw",
-                cfg.patch_dim()
-            );
+        let imgs = pixel_values.len();
+        for pv in pixel_values {
+            let (rows, cols) = pv.dims2()?;
+            if gt != 1 || gh % merge != 0 || gw % merge != 0 || rows != n || cols != cfg.patch_dim()
+            {
+                candle_core::bail!(
+                    "vision input: pixel_values {rows}x{cols} with grid_thw {grid_thw:?}; expected [gh*gw, {}] with t=1 and even gh, gw",
+                    cfg.patch_dim()
+                );
+            }
         }
         let dev = self.patch_w.device().clone();
         let unit = merge * merge;
-        let lay = self.layout(gh, gw, &dev)?;
+        let lay = self.layout(gh, gw, imgs, &dev)?;
         let widx = rope::window_index(gh, gw, merge, cfg.window_size / merge / cfg.patch_size);
-        let perm: Vec<u32> = widx
-            .index
-            .iter()
-            .flat_map(|&g| (0..unit).map(move |u| (g * unit + u) as u32))
+        let perm: Vec<u32> = (0..imgs)
+            .flat_map(|img| {
+                widx.index
+                    .iter()
+                    .flat_map(move |&g| (0..unit).map(move |u| (img * n + g * unit + u) as u32))
+            })
             .collect();
-        let perm = Tensor::from_vec(perm, n, &dev)?;
+        let perm = Tensor::from_vec(perm, imgs * n, &dev)?;
 
-        let x = pixel_values.to_device(&dev)?.to_dtype(self.dtype())?;
+        let xs = pixel_values
+            .iter()
+            .map(|pv| pv.to_device(&dev)?.to_dtype(self.dtype()))
+            .collect::<Result<Vec<_>>>()?;
+        let x = if imgs == 1 {
+            xs[0].clone()
+        } else {
+            Tensor::cat(&xs, 0)?
+        };
         let mut x = x.matmul(&self.patch_w.t()?)?.index_select(&perm, 0)?;
         for (i, b) in self.blocks.iter().enumerate() {
             x = b.forward(&x, &lay, cfg.fullatt_block_indexes.contains(&i))?;
         }
+        let m = n / unit;
         let x = self
             .ln_q
             .forward(&x)?
-            .reshape((n / unit, cfg.hidden_size * unit))?;
+            .reshape((imgs * m, cfg.hidden_size * unit))?;
         let x = self.mlp2.forward(&self.mlp0.forward(&x)?.gelu_erf()?)?;
-        // reverse = argsort(window_index) (spec §2.2 step 8).
-        let mut rev = vec![0u32; widx.index.len()];
-        for (i, &g) in widx.index.iter().enumerate() {
-            rev[g] = i as u32;
+        // reverse = argsort(window_index) (spec §2.2 step 8), per image.
+        let mut rev = vec![0u32; imgs * m];
+        for img in 0..imgs {
+            for (i, &g) in widx.index.iter().enumerate() {
+                rev[img * m + g] = (img * m + i) as u32;
+            }
         }
-        x.index_select(&Tensor::from_vec(rev, n / unit, &dev)?, 0)
+        let x = x.index_select(&Tensor::from_vec(rev, imgs * m, &dev)?, 0)?;
+        (0..imgs).map(|img| x.narrow(0, img * m, m)).collect()
     }
 
-    fn layout(&self, gh: usize, gw: usize, dev: &Device) -> Result<Layout> {
+    fn layout(&self, gh: usize, gw: usize, images: usize, dev: &Device) -> Result<Layout> {
         let cfg = &self.cfg;
         let merge = cfg.spatial_merge_size;
         let unit = merge * merge;
@@ -221,31 +252,36 @@ impl VisionTower {
         let cu = &widx.cu_seqlens;
         let nw = cu.len() - 1;
         let wmax = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-        let mut gather = Vec::with_capacity(nw * wmax);
+        let n = gh * gw;
+        let mut gather = Vec::with_capacity(images * nw * wmax);
         let mut valid = Vec::new();
-        let mut mask = Vec::with_capacity(nw * wmax);
-        for (wi, w) in cu.windows(2).enumerate() {
-            for j in 0..wmax {
-                let real = w[0] + j < w[1];
-                gather.push(if real { (w[0] + j) as u32 } else { 0 });
-                mask.push(if real { 0f32 } else { f32::NEG_INFINITY });
-                if real {
-                    valid.push((wi * wmax + j) as u32);
+        let mut mask = Vec::with_capacity(images * nw * wmax);
+        // Image `img`'s windows follow those of the images before it; its rows start at img·n.
+        for img in 0..images {
+            for (wi, w) in cu.windows(2).enumerate() {
+                for j in 0..wmax {
+                    let real = w[0] + j < w[1];
+                    gather.push((img * n + if real { w[0] + j } else { 0 }) as u32);
+                    mask.push(if real { 0f32 } else { f32::NEG_INFINITY });
+                    if real {
+                        valid.push(((img * nw + wi) * wmax + j) as u32);
+                    }
                 }
             }
         }
         let padded = mask.iter().any(|m| m.is_infinite());
         Ok(Layout {
+            images,
             cos: ang.cos()?,
             sin: ang.sin()?,
-            gather: Tensor::from_vec(gather, nw * wmax, dev)?,
-            valid: Tensor::from_vec(valid, gh * gw, dev)?,
+            gather: Tensor::from_vec(gather, images * nw * wmax, dev)?,
+            valid: Tensor::from_vec(valid, images * n, dev)?,
             mask: if padded {
-                Some(Tensor::from_vec(mask, (nw, 1, 1, wmax), dev)?)
+                Some(Tensor::from_vec(mask, (images * nw, 1, 1, wmax), dev)?)
             } else {
                 None
             },
-            n_windows: nw,
+            n_windows: images * nw,
             wmax,
         })
     }

@@ -9,8 +9,13 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
+/// tests/fixtures; `REXOMNI_FIXTURES` overrides the compile-time path, for a test binary copied to a GPU
+/// host (scripts/device-check.sh).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    match std::env::var_os("REXOMNI_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
+    }
 }
 
 pub struct Case {
@@ -121,10 +126,20 @@ pub fn rel_diff(a: &Tensor, want: &Tensor) -> f32 {
 
 /// A tiny fixture checkpoint (tests/fixtures/<name>) as an engine on the CPU.
 pub fn load_engine(name: &str, dtype: DType) -> rexomni::engine::RexOmni {
+    load_engine_with(name, dtype, rexomni::engine::Weights::Dense)
+}
+
+/// As [`load_engine`] with the linear layers held as `weights`.
+pub fn load_engine_with(
+    name: &str,
+    dtype: DType,
+    weights: rexomni::engine::Weights,
+) -> rexomni::engine::RexOmni {
     rexomni::engine::RexOmni::load(&rexomni::engine::LoadOptions {
         source: fixtures().join(name).display().to_string(),
         device: Device::Cpu,
         dtype,
+        weights,
     })
     .unwrap()
 }

@@ -1,0 +1,305 @@
+//! Linear layers of the vision blocks, merger, decoder and lm_head, dense or quantized at load time.
+//!
+//! In: a `VarBuilder` at the layer's prefix (`….q_proj`), the [`Weights`] format chosen in `[model] weights` /
+//! `--weights`, and, for an AWQ checkpoint, its `quantization_config`. Out: a [`Linear`] whose `forward` maps
+//! `[.., in]` to `[.., out]` in the activation dtype. Runs once per layer on the loading thread; `forward`
+//! runs on the caller's thread.
+//!
+//! Quantized weights are candle's ggml blocks (`QMatMul`), which quantize along the input dimension: Q8_0
+//! (32 values, one f16 scale) for `q8`; for `q4` Q4K (256-value super-blocks) where the input dimension is a
+//! multiple of 256, else Q4_0 (32) where it is a multiple of 32. A layer whose input dimension is not a
+//! multiple of 32 stays dense in the model dtype (at the real config that is only the vision MLP's
+//! `down_proj`, input 3420; on the tiny fixtures every layer whose input is 80 or 48 wide) and the loader says
+//! which. Embeddings, norms and the patch embedding are never quantized.
+//!
+//! AWQ layers (`qweight`/`qzeros`/`scales`) are converted group by group (see [`awq`]): exactly to the
+//! dequantized values for `bf16` (f32 arithmetic, then the model dtype) and `q8` (Q8_0 holds `q − z` with
+//! the group's scale), and to Q4_1 for `q4`, whose f16 block minimum rounds `−s·z` (see `awq::to_q4_1`).
+
+use std::borrow::Cow;
+use std::sync::Mutex;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::awq::{self, AwqConfig, AwqLayer};
+use super::cpu_bf16;
+
+/// How linear weights are held in memory (`[model] weights`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Weights {
+    /// Unquantized, in the model dtype (`"bf16"` in the config: what a bf16 run holds).
+    #[default]
+    Dense,
+    /// 8-bit: ggml Q8_0.
+    Q8,
+    /// 4-bit: ggml Q4K (Q4_0 where the input dimension is not a multiple of 256; Q4_1 for AWQ layers).
+    Q4,
+}
+
+impl Weights {
+    /// The config / CLI spellings.
+    pub const NAMES: [&'static str; 3] = ["bf16", "q8", "q4"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bf16" => Some(Self::Dense),
+            "q8" => Some(Self::Q8),
+            "q4" => Some(Self::Q4),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Dense => "bf16",
+            Self::Q8 => "q8",
+            Self::Q4 => "q4",
+        }
+    }
+}
+
+/// A loaded linear layer.
+pub enum Linear {
+    Dense(candle_nn::Linear),
+    Quant {
+        w: QMatMul,
+        bias: Option<Tensor>,
+        /// Rows of the weight (output features), for shape checks in tests.
+        out_dim: usize,
+    },
+}
+
+impl Linear {
+    /// `x [.., in]` → `[.., out]` in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => cpu_bf16::linear_forward(l, x),
+            Self::Quant { w, bias, .. } => {
+                // QMatMul takes any leading dims and returns x's dtype (bf16/f16/f32 on CPU and CUDA).
+                let y = w.forward(&x.contiguous()?)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+
+    /// The ggml block type, or `None` for a dense layer.
+    pub fn quant_type(&self) -> Option<GgmlDType> {
+        match self {
+            Self::Quant {
+                w: QMatMul::QTensor(q),
+                ..
+            } => Some(q.dtype()),
+            _ => None,
+        }
+    }
+
+    /// The weight as an f32 `[out, in]` tensor (dequantized when quantized).
+    pub fn weight_f32(&self) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.weight().to_dtype(DType::F32),
+            Self::Quant { w, .. } => match w {
+                QMatMul::QTensor(q) => q.dequantize(&q.device()),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32),
+            },
+        }
+    }
+}
+
+/// `l.forward(x)`, spelled as the free function the layer code calls.
+pub fn linear_forward(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    l.forward(x)
+}
+
+/// What the loader did with each layer, for the load-time log line.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// `(layer prefix, ggml type or "dense", source "awq" or "checkpoint")`.
+    pub layers: Vec<(String, String, &'static str)>,
+}
+
+impl LoadReport {
+    /// Layers that `weights` asked to quantize but stayed dense (input dimension not a multiple of 32).
+    pub fn kept_dense(&self) -> Vec<&str> {
+        self.layers
+            .iter()
+            .filter(|(_, t, _)| t == "dense-fallback")
+            .map(|(n, _, _)| n.as_str())
+            .collect()
+    }
+
+    /// `type → count`, sorted, e.g. `[("q4k", 252), ("dense-fallback", 32)]`.
+    pub fn counts(&self) -> Vec<(String, usize)> {
+        let mut m = std::collections::BTreeMap::<String, usize>::new();
+        for (_, t, _) in &self.layers {
+            *m.entry(t.clone()).or_default() += 1;
+        }
+        m.into_iter().collect()
+    }
+}
+
+/// Builds every [`Linear`] of one model load.
+pub struct LinearLoader {
+    weights: Weights,
+    awq: Option<AwqConfig>,
+    report: Mutex<LoadReport>,
+}
+
+impl LinearLoader {
+    pub fn new(weights: Weights, awq: Option<AwqConfig>) -> Self {
+        Self {
+            weights,
+            awq,
+            report: Mutex::new(LoadReport::default()),
+        }
+    }
+
+    /// Dense weights, no AWQ: what `Qwen25Vl::new` uses.
+    pub fn dense() -> Self {
+        Self::new(Weights::Dense, None)
+    }
+
+    pub fn weights(&self) -> Weights {
+        self.weights
+    }
+
+    pub fn report(&self) -> LoadReport {
+        self.report.lock().expect("report lock").clone()
+    }
+
+    /// The layer at `vb` (`weight [out, in]` and optionally `bias [out]`, or AWQ's `qweight`/`qzeros`/`scales`).
+    pub fn load(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Linear> {
+        let b = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        if vb.contains_tensor("qweight") {
+            let Some(cfg) = &self.awq else {
+                candle_core::bail!(
+                    "{}.qweight: an AWQ layer, but config.json has no quantization_config with quant_method \"awq\"",
+                    vb.prefix()
+                )
+            };
+            let layer = AwqLayer::read(&vb, in_dim, out_dim, cfg)?;
+            return self.finish_awq(layer, b, &vb);
+        }
+        let w = vb.get((out_dim, in_dim), "weight")?;
+        self.from_weight(w, b, &vb.prefix())
+    }
+
+    /// A layer from an already-loaded `[out, in]` weight (the tied lm_head shares the embedding's tensor).
+    pub fn from_weight(&self, w: Tensor, bias: Option<Tensor>, name: &str) -> Result<Linear> {
+        let (out_dim, in_dim) = w.dims2()?;
+        let ty = match self.weights {
+            Weights::Dense => None,
+            Weights::Q8 if in_dim % 32 == 0 => Some(GgmlDType::Q8_0),
+            Weights::Q4 if in_dim % 256 == 0 => Some(GgmlDType::Q4K),
+            Weights::Q4 if in_dim % 32 == 0 => Some(GgmlDType::Q4_0),
+            Weights::Q8 | Weights::Q4 => {
+                self.record(name, "dense-fallback", "checkpoint");
+                return Ok(Linear::Dense(candle_nn::Linear::new(w, bias)));
+            }
+        };
+        let Some(ty) = ty else {
+            self.record(name, "dense", "checkpoint");
+            return Ok(Linear::Dense(candle_nn::Linear::new(w, bias)));
+        };
+        let device = w.device().clone();
+        // ggml quantizes from f32 on the host; the blocks are then uploaded to the weight's device.
+        let host = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let q = QTensor::quantize_onto(&host, ty, &device)?;
+        self.record(name, &type_name(ty), "checkpoint");
+        Ok(Linear::Quant {
+            w: QMatMul::from_qtensor(q)?,
+            bias,
+            out_dim,
+        })
+    }
+
+    fn finish_awq(&self, layer: AwqLayer, bias: Option<Tensor>, vb: &VarBuilder) -> Result<Linear> {
+        let device = vb.device().clone();
+        let (out_dim, in_dim) = (layer.out_dim, layer.in_dim);
+        let name = vb.prefix();
+        let (blocks, ty) = match self.weights {
+            Weights::Dense => {
+                let w = Tensor::from_vec(layer.dequantize(), (out_dim, in_dim), &device)?
+                    .to_dtype(vb.dtype())?;
+                self.record(&name, "dense", "awq");
+                return Ok(Linear::Dense(candle_nn::Linear::new(w, bias)));
+            }
+            Weights::Q8 => (awq::to_q8_0(&layer), GgmlDType::Q8_0),
+            // candle's Q4_1 dot product (ggml's) takes blocks in pairs: an odd count of 32-wide blocks per
+            // row goes to the exact Q8_0 form instead (never at the real config, whose inputs are multiples
+            // of 128; on the tiny AWQ fixture, the 32-wide inputs).
+            Weights::Q4 if (in_dim / 32) % 2 == 1 => (awq::to_q8_0(&layer), GgmlDType::Q8_0),
+            Weights::Q4 => (awq::to_q4_1(&layer), GgmlDType::Q4_1),
+        };
+        let storage = QStorage::from_data(Cow::Borrowed(blocks.as_bytes()), &device, ty)?;
+        let q = QTensor::new(storage, (out_dim, in_dim))?;
+        self.record(&name, &type_name(ty), "awq");
+        Ok(Linear::Quant {
+            w: QMatMul::from_qtensor(q)?,
+            bias,
+            out_dim,
+        })
+    }
+
+    fn record(&self, name: &str, ty: &str, source: &'static str) {
+        self.report.lock().expect("report lock").layers.push((
+            name.to_string(),
+            ty.to_string(),
+            source,
+        ));
+    }
+}
+
+fn type_name(t: GgmlDType) -> String {
+    format!("{t:?}").to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each block type on a layer wide enough for it, against the dense layer: the forward error relative to
+    /// the output's scale, and the chosen type (Q4K needs inputs in multiples of 256, Q4_0/Q8_0 of 32).
+    #[test]
+    fn quantized_forward_is_close_to_dense_and_picks_the_block_type_by_width() -> Result<()> {
+        let dev = Device::Cpu;
+        for (k, weights, ty, tol) in [
+            (512, Weights::Q4, GgmlDType::Q4K, 0.2),
+            (96, Weights::Q4, GgmlDType::Q4_0, 0.2),
+            (96, Weights::Q8, GgmlDType::Q8_0, 0.01),
+            (512, Weights::Q8, GgmlDType::Q8_0, 0.01),
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (64, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, 64, &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (3, 5, k), &dev)?;
+            let dense = LinearLoader::dense().from_weight(w.clone(), Some(b.clone()), "d")?;
+            let q = LinearLoader::new(weights, None).from_weight(w, Some(b), "q")?;
+            assert_eq!(q.quant_type(), Some(ty), "k={k}");
+            let (want, got) = (dense.forward(&x)?, q.forward(&x)?);
+            assert_eq!(got.dims(), &[3, 5, 64]);
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?
+                / want.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < tol, "{ty:?} k={k}: relative error {err}");
+        }
+        // Not a multiple of 32: stays dense and is reported.
+        let lin = LinearLoader::new(Weights::Q8, None);
+        let l = lin.from_weight(Tensor::zeros((8, 80), DType::F32, &dev)?, None, "odd")?;
+        assert_eq!(l.quant_type(), None);
+        assert_eq!(lin.report().kept_dense(), vec!["odd"]);
+        Ok(())
+    }
+}
