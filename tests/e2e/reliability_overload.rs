@@ -133,6 +133,7 @@ fn fast_camera_is_dropped_not_queued() -> Result<()> {
         width: 320,
         height: 240,
         pattern: "ball".into(),
+        ..Default::default()
     })?;
     let http = free_port()?;
     let jsonl = dir.path().join("docs.jsonl");
