@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
-    let weights = Weights::parse(&args.weights)
+    let weight_format = Weights::parse(&args.weights)
         .with_context(|| format!("--weights: `{}` is not bf16, q8 or q4", args.weights))?;
     let (w, h) = parse_size(&args.image_size)?;
     let scenario_plan = scenarios::ScenarioPlan {
@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let (model, source) = match &args.model {
         Some(dir) => (
-            loading::load_dir_with(dir, &device, dtype, weights)?,
+            loading::load_dir_with(dir, &device, dtype, weight_format)?,
             dir.display().to_string(),
         ),
         None => {
@@ -128,7 +128,7 @@ fn main() -> anyhow::Result<()> {
                 vb.pp("visual"),
                 vb.pp("model"),
                 None,
-                &LinearLoader::new(weights, None),
+                &LinearLoader::new(weight_format, None),
             )?;
             if let Some(dir) = &args.save_checkpoint {
                 let n = recorded.save(dir)?;
@@ -188,7 +188,7 @@ fn main() -> anyhow::Result<()> {
         &plan,
         &source,
         &args.device,
-        &match weights {
+        &match weight_format {
             Weights::Dense => args.dtype.clone(),
             w => format!("{}+{}", args.dtype, w.name()),
         },

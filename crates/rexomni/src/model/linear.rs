@@ -184,13 +184,9 @@ impl LinearLoader {
         } else {
             None
         };
-        if vb.contains_tensor("qweight") {
-            let Some(cfg) = &self.awq else {
-                candle_core::bail!(
-                    "{}.qweight: an AWQ layer, but config.json has no quantization_config with quant_method \"awq\"",
-                    vb.prefix()
-                )
-            };
+        // Only with an AWQ config: a backend that makes up any tensor (rexbench's random weights) reports
+        // every name as present.
+        if let Some(cfg) = self.awq.as_ref().filter(|_| vb.contains_tensor("qweight")) {
             let layer = AwqLayer::read(&vb, in_dim, out_dim, cfg)?;
             return self.finish_awq(layer, b, &vb);
         }
