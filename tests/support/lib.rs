@@ -705,30 +705,19 @@ pub fn rexstream_bin() -> Result<PathBuf> {
     Ok(p)
 }
 
-/// A tiny fixture checkpoint under `tests/fixtures/` (made by the fixture generator): the first
-/// `tiny-*` folder in name order, or `REXSTREAM_E2E_MODEL`. The trained `tiny-detector` is left out: it
-/// only answers its own three-shape prompt (tests that want it name it).
+/// The tiny random fixture checkpoint `tests/fixtures/tiny-tied` (made by the fixture generator), or
+/// `REXSTREAM_E2E_MODEL`. Tests that want the trained `tiny-detector` name it.
 pub fn tiny_model() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("REXSTREAM_E2E_MODEL") {
         return Ok(p.into());
     }
-    let dir = workspace_root().join("tests/fixtures");
-    let mut tiny: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("read {}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("tiny-") && n != "tiny-detector")
-                && p.join("config.json").exists()
-        })
-        .collect();
-    tiny.sort();
-    tiny.into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("no tests/fixtures/tiny-*/config.json checkpoint"))
+    // Named, not picked by directory order: other fixtures (tiny-detector answers only its own
+    // three-shape prompt, tiny-awq is an AWQ checkpoint) sit beside it.
+    let dir = workspace_root().join("tests/fixtures/tiny-tied");
+    if !dir.join("config.json").exists() {
+        return Err(anyhow!("{}/config.json is missing", dir.display()));
+    }
+    Ok(dir)
 }
 
 /// A running `rexstream` child process.

@@ -203,6 +203,8 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
 
     // Ingest and scheduling.
     let wakeup = Wakeup::new();
+    // The motion gates' line to the tracker; dropped before the events thread is closed.
+    let gate_events = events.as_ref().map(|e| Arc::new(e.runtime.handle()));
     let mut ingest_threads = Vec::new();
     let mut scheduled = Vec::new();
     for (i, cfg) in pipeline.streams.iter().enumerate() {
@@ -217,13 +219,16 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
             min_interval: cfg.min_interval,
         });
         let motion = cfg.motion.enabled.then(|| {
-            Arc::new(MotionStage::new(
-                &cfg.name,
-                &cfg.motion,
-                prompts.clone(),
-                Some(mqtt.handle()),
-                stream_metrics[i].clone(),
-            ))
+            Arc::new(
+                MotionStage::new(
+                    &cfg.name,
+                    &cfg.motion,
+                    prompts.clone(),
+                    Some(mqtt.handle()),
+                    stream_metrics[i].clone(),
+                )
+                .with_events(gate_events.as_ref()),
+            )
         });
         let ingest = StreamIngest {
             index: i,
@@ -284,6 +289,7 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
     if !worker_finished {
         let _ = worker_done.await;
     }
+    drop(gate_events);
     if let Some(e) = events {
         // The worker (and its handle) is gone: end every object, so `end`s reach the outbox
         // before it is flushed.

@@ -393,11 +393,15 @@ proptest! {
         let ok = motion_ok(field, v) && (1..=255).contains(&threshold);
         match check(&text) {
             None => prop_assert!(ok, "{field} = {v}, threshold = {threshold} accepted"),
-            Some(msg) => {
-                prop_assert!(!ok, "valid {field} = {v}, threshold = {threshold} rejected: {msg}");
-                let named = (!motion_ok(field, v) && msg.contains(&format!("streams[0].motion.{field}: ")))
-                    || (!(1..=255).contains(&threshold) && msg.contains("streams[0].motion.threshold: "));
-                prop_assert!(named, "{field} = {v}, threshold = {threshold}: {msg}");
+            Some(e) => {
+                prop_assert!(!ok, "valid {field} = {v}, threshold = {threshold} rejected: {e}");
+                // A value TOML cannot hold in the field's type is a parse error at its line; `threshold` is
+                // on the line after `field` in the rendered text.
+                let line = |key: &str| text.lines().position(|l| l.starts_with(&format!("{key} ="))).map_or(0, |i| i + 1);
+                let named = (!motion_ok(field, v) && names_field(&e, &format!("streams[0].motion.{field}"), line(field)))
+                    || (!(1..=255).contains(&threshold)
+                        && names_field(&e, "streams[0].motion.threshold", line("threshold")));
+                prop_assert!(named, "{field} = {v}, threshold = {threshold}: {e}");
             }
         }
     }

@@ -284,7 +284,8 @@ impl RexTokenizer {
             .build()
             .map_err(|e| file_err(merges_path, "(merges)", format!("BPE model rejected: {e}")))?;
         let mut tok = Tokenizer::new(model);
-        tok.with_normalizer(Some(NFC));
+        tok.with_normalizer(Some(NFC))
+            .map_err(|e| ProtocolError::Encode(format!("NFC normalizer: {e}")))?;
         let split = Split::new(
             SplitPattern::Regex(QWEN2_SPLIT_REGEX.to_string()),
             SplitDelimiterBehavior::Isolated,
@@ -304,7 +305,8 @@ impl RexTokenizer {
         let full =
             Tokenizer::from_file(path).map_err(|e| file_err(path, "(file)", e.to_string()))?;
         let mut tok = Tokenizer::new(full.get_model().clone());
-        tok.with_normalizer(full.get_normalizer().cloned());
+        tok.with_normalizer(full.get_normalizer().cloned())
+            .map_err(|e| file_err(path, "normalizer", e.to_string()))?;
         tok.with_pre_tokenizer(full.get_pre_tokenizer().cloned());
         let vocab = full.get_model().get_vocab();
         let added = full

@@ -12,8 +12,8 @@
 //! once and works on a ≤ 320-pixel-wide image (well under 1 ms for 1080p in release builds,
 //! `cargo bench -p rexprep --bench motion`), next to the pixel copy the callback already does.
 
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use rexomni::protocol::TaskPrompt;
 use rexprep::motion::{GateDecision, MotionGate};
@@ -25,6 +25,7 @@ use crate::config::FieldErrors;
 use crate::metrics::{DropReason, StreamMetrics};
 use crate::sinks::mqtt::MqttHandle;
 use crate::sinks::prompts::PromptTable;
+use crate::tracking::runtime::EventsHandle;
 
 /// `[streams.motion]`: the per-stream motion gate. On by default; a frame goes to the model when it is the
 /// stream's first, while there is motion, when motion has just stopped, when the prompt changed, or every
@@ -118,7 +119,13 @@ struct GateState {
     served_prompt: Option<Arc<TaskPrompt>>,
     /// The motion state last announced (gauge and MQTT); `None` before the first frame.
     announced: Option<bool>,
+    /// When the tracker was last told that a dropped frame showed no motion.
+    last_keep_alive: Option<Instant>,
 }
+
+/// How often a still stream tells the tracker its objects are still there. Far below any sensible
+/// `max_disappeared_s` (seconds), far above the frame rate, so the events channel never fills with these.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_millis(500);
 
 /// The gate of one stream.
 pub struct MotionStage {
@@ -129,6 +136,11 @@ pub struct MotionStage {
     prompts: Arc<PromptTable>,
     mqtt: Option<MqttHandle>,
     metrics: Arc<StreamMetrics>,
+    /// The tracker: a frame dropped for no motion keeps the stream's objects alive (issue 13: gated frames
+    /// never end a track). `None` without `[events]`. Weak, because the events thread stops only when
+    /// every handle is gone: a pipeline that outlives shutdown (a GStreamer callback kept alive) must not
+    /// keep it running.
+    events: Option<Weak<EventsHandle>>,
 }
 
 impl MotionStage {
@@ -147,12 +159,20 @@ impl MotionStage {
                 gate: MotionGate::new(threshold, cfg.min_area, cfg.refresh_s),
                 served_prompt: None,
                 announced: None,
+                last_keep_alive: None,
             }),
             epoch: Instant::now(),
             prompts,
             mqtt,
             metrics,
+            events: None,
         }
+    }
+
+    /// Tell `events` about frames dropped for no motion, so a still scene keeps its tracked objects.
+    pub fn with_events(mut self, events: Option<&Arc<EventsHandle>>) -> Self {
+        self.events = events.map(Arc::downgrade);
+        self
     }
 
     /// The pipeline is being (re)built: the first frame after it is served (`MotionGate::restart`).
@@ -213,8 +233,23 @@ impl MotionStage {
                 true
             }
             None => {
+                let keep_alive = self.events.is_some()
+                    && st
+                        .last_keep_alive
+                        .is_none_or(|t| t.elapsed() >= KEEP_ALIVE_EVERY);
+                if keep_alive {
+                    st.last_keep_alive = Some(Instant::now());
+                }
                 drop(st);
                 self.metrics.dropped(DropReason::NoMotion, 1);
+                if let Some(events) = self
+                    .events
+                    .as_ref()
+                    .filter(|_| keep_alive)
+                    .and_then(Weak::upgrade)
+                {
+                    events.no_motion(&self.stream, frame.captured_at);
+                }
                 false
             }
         }

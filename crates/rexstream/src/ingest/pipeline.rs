@@ -29,8 +29,8 @@ use tracing::{debug, error, info, info_span, warn};
 
 use super::config::{FrameFormat, ResolvedStream, SourceKind};
 use super::frame::Frame;
-use super::transport::{AttemptEnd, Lower, Next, TransportChoice};
 use super::motion::MotionStage;
+use super::transport::{AttemptEnd, Lower, Next, TransportChoice};
 use super::{StreamState, StreamStatus};
 use crate::metrics::{ReconnectReason, StreamMetrics};
 use crate::shutdown::Shutdown;

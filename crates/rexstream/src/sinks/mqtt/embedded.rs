@@ -164,20 +164,26 @@ fn mqtt_ready(addr: SocketAddr) -> bool {
         && connack == [0x20, 0x02, 0x00, 0x00]
 }
 
-/// Drops rumqttd's `no-connection id N is already gone` ERROR lines. rumqttd 0.20 handles a
-/// client's DISCONNECT packet and then the closed socket as two disconnections and logs the
-/// second at ERROR (its own comment in router/routing.rs says so): every clean client exit
-/// (ours at shutdown, a user's `mosquitto_sub` on Ctrl-C) would print it. Everything else rumqttd
-/// logs passes, so real broker problems still reach the log.
+/// Drops the two ERROR lines rumqttd 0.20 prints for a clean client exit (ours at shutdown, a
+/// user's `mosquitto_sub` on Ctrl-C). It handles a client's DISCONNECT packet and then the closed
+/// socket as two disconnections; whichever side sees the other's close second logs it at ERROR:
+/// the router as `no-connection id N is already gone` (its own comment in router/routing.rs says
+/// so), or the connection task as `router-drop` with `error=Recv(Disconnected)` (server/broker.rs:
+/// the router dropped the link's channel after handling the DISCONNECT). Which one appears depends
+/// on timing. Everything else rumqttd logs passes, `router-drop` with any other error included, so
+/// real broker problems still reach the log.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BrokerNoiseFilter;
 
 impl BrokerNoiseFilter {
     /// True for an event this filter drops (target and message both match).
-    fn is_noise(target: &str, message: &str) -> bool {
-        target.starts_with("rumqttd::router")
+    fn is_noise(target: &str, message: &str, error: &str) -> bool {
+        (target.starts_with("rumqttd::router")
             && message.starts_with("no-connection id ")
-            && message.ends_with(" is already gone")
+            && message.ends_with(" is already gone"))
+            || (target.starts_with("rumqttd::server")
+                && message == "router-drop"
+                && error == "Recv(Disconnected)")
     }
 }
 
@@ -187,17 +193,23 @@ impl<S: Subscriber> Layer<S> for BrokerNoiseFilter {
         if !target.starts_with("rumqttd") {
             return true;
         }
-        struct Message(String);
-        impl Visit for Message {
+        #[derive(Default)]
+        struct Fields {
+            message: String,
+            error: String,
+        }
+        impl Visit for Fields {
             fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-                if field.name() == "message" {
-                    self.0 = format!("{value:?}");
+                match field.name() {
+                    "message" => self.message = format!("{value:?}"),
+                    "error" => self.error = format!("{value:?}"),
+                    _ => {}
                 }
             }
         }
-        let mut m = Message(String::new());
-        event.record(&mut m);
-        !Self::is_noise(target, &m.0)
+        let mut f = Fields::default();
+        event.record(&mut f);
+        !Self::is_noise(target, &f.message, &f.error)
     }
 }
 
@@ -206,23 +218,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn noise_filter_drops_only_the_double_disconnect_line() {
+    fn noise_filter_drops_only_the_clean_disconnect_lines() {
         let f = BrokerNoiseFilter::is_noise;
-        assert!(f(
-            "rumqttd::router::routing",
-            "no-connection id 3 is already gone"
-        ));
-        assert!(!f(
-            "rumqttd::router::routing",
-            "no space for new connection"
-        ));
-        assert!(!f(
-            "rumqttd::server::broker",
-            "no-connection id 3 is already gone"
-        ));
+        let router = "rumqttd::router::routing";
+        let server = "rumqttd::server::broker";
+        assert!(f(router, "no-connection id 3 is already gone", ""));
+        assert!(f(server, "router-drop", "Recv(Disconnected)"));
+        assert!(!f(router, "no space for new connection", ""));
+        assert!(!f(server, "no-connection id 3 is already gone", ""));
         assert!(!f(
             "rexstream::ingest",
-            "no-connection id 3 is already gone"
+            "no-connection id 3 is already gone",
+            ""
         ));
+        // A router-drop for any other reason, and other connection errors, still reach the log.
+        assert!(!f(server, "router-drop", "Send(Full)"));
+        assert!(!f(server, "disconnected", "Recv(Disconnected)"));
+        assert!(!f(router, "router-drop", "Recv(Disconnected)"));
     }
 }
