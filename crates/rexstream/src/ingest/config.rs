@@ -274,7 +274,7 @@ pub struct ResolvedStream {
 }
 
 /// True for names usable as one MQTT topic level and a Prometheus label value without escaping.
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name

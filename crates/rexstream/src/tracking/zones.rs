@@ -19,6 +19,8 @@ use serde::Deserialize;
 
 use super::shape;
 use crate::config::FieldErrors;
+// Zone names follow the stream-name rule: one MQTT topic level, a plain label value.
+use crate::ingest::config::valid_name;
 
 /// One `[[streams.zones]]` entry.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -50,14 +52,6 @@ const fn default_inertia() -> u32 {
 /// Longest accepted loitering time (one day): larger is a typo.
 const MAX_LOITERING_S: f64 = 86_400.0;
 
-/// Same rule as stream names (ingest::config): one topic level, a plain label value.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
 
 /// Check a stream's zones and required zones, pushing `streams[i].zones[j].field` errors.
 /// `stream_names` are every stream of the file (a zone may not share a stream's name: both are the
