@@ -273,11 +273,15 @@ mod tests {
     #[test]
     fn quantized_forward_is_close_to_dense_and_picks_the_block_type_by_width() -> Result<()> {
         let dev = Device::Cpu;
+        // The inputs are random (unseeded), so each bound sits well above the error's spread. Q8_0 rounds
+        // both the weights and (inside QMatMul) the activations to 8 bits per 32-block scaled by its max:
+        // for Gaussian blocks each rounding has a relative RMS error near 2.1/127/sqrt(12) = 0.5 %, both
+        // together about 0.7 %; runs measured up to 1.0 %, so 0.02. Q4 (16 levels) is ~10x coarser.
         for (k, weights, ty, tol) in [
             (512, Weights::Q4, GgmlDType::Q4K, 0.2),
             (96, Weights::Q4, GgmlDType::Q4_0, 0.2),
-            (96, Weights::Q8, GgmlDType::Q8_0, 0.01),
-            (512, Weights::Q8, GgmlDType::Q8_0, 0.01),
+            (96, Weights::Q8, GgmlDType::Q8_0, 0.02),
+            (512, Weights::Q8, GgmlDType::Q8_0, 0.02),
         ] {
             let w = Tensor::randn(0f32, 1.0, (64, k), &dev)?;
             let b = Tensor::randn(0f32, 1.0, 64, &dev)?;
