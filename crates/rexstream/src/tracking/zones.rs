@@ -52,7 +52,6 @@ const fn default_inertia() -> u32 {
 /// Longest accepted loitering time (one day): larger is a typo.
 const MAX_LOITERING_S: f64 = 86_400.0;
 
-
 /// Check a stream's zones and required zones, pushing `streams[i].zones[j].field` errors.
 /// `stream_names` are every stream of the file (a zone may not share a stream's name: both are the
 /// first level of a count topic).
