@@ -172,9 +172,20 @@ impl Qwen25Vl {
         image_embeds: &Tensor,
         grid_thw: [usize; 3],
     ) -> Result<Prefill, ModelError> {
+        let embeds = self.splice(ids, image_embeds)?.unsqueeze(0)?;
+        self.prefill_embeds(ids, &embeds, grid_thw)
+    }
+
+    /// Causal prefill of `[B, L, D]` spliced embeddings that all share the prompt `ids` (so the same
+    /// positions and mask), starting from an empty cache: one `Prefill` holding all `B` rows.
+    fn prefill_embeds(
+        &self,
+        ids: &[u32],
+        embeds: &Tensor,
+        grid_thw: [usize; 3],
+    ) -> Result<Prefill, ModelError> {
         let m = self.cfg.vision.spatial_merge_size;
         let (lh, lw) = (grid_thw[1] / m, grid_thw[2] / m);
-        let embeds = self.splice(ids, image_embeds)?.unsqueeze(0)?;
         let (positions, rope_delta) = rope::mrope_positions(ids, self.cfg.image_token_id, lh, lw);
         let (cos, sin) = self.cos_sin(&positions)?;
         let l = ids.len();
@@ -182,7 +193,7 @@ impl Qwen25Vl {
         let causal = text::causal_mask(0, l, 0, l, &self.device)?;
         let mask = move |start: usize, rows: usize| causal.narrow(2, start, rows).map(Some);
         let mut cache = KvCache::new(self.cfg.text.num_hidden_layers);
-        let hidden = self.text.forward(&embeds, &cos, &sin, &mask, &mut cache)?;
+        let hidden = self.text.forward(embeds, &cos, &sin, &mask, &mut cache)?;
         Ok(Prefill {
             hidden,
             cache,
@@ -202,20 +213,16 @@ impl Qwen25Vl {
         if image_embeds.len() == 1 {
             return Ok(vec![self.prefill(ids, &image_embeds[0], grid_thw)?]);
         }
-        let m = self.cfg.vision.spatial_merge_size;
-        let (lh, lw) = (grid_thw[1] / m, grid_thw[2] / m);
         let embeds = image_embeds
             .iter()
             .map(|e| self.splice(ids, e))
             .collect::<Result<Vec<_>, _>>()?;
-        let embeds = Tensor::stack(&embeds, 0)?;
-        let (positions, rope_delta) = rope::mrope_positions(ids, self.cfg.image_token_id, lh, lw);
-        let (cos, sin) = self.cos_sin(&positions)?;
-        let l = ids.len();
-        let causal = text::causal_mask(0, l, 0, l, &self.device)?;
-        let mask = move |start: usize, rows: usize| causal.narrow(2, start, rows).map(Some);
-        let mut cache = KvCache::new(self.cfg.text.num_hidden_layers);
-        let hidden = self.text.forward(&embeds, &cos, &sin, &mask, &mut cache)?;
+        let Prefill {
+            hidden,
+            cache,
+            rope_delta,
+            positions,
+        } = self.prefill_embeds(ids, &Tensor::stack(&embeds, 0)?, grid_thw)?;
         (0..image_embeds.len())
             .map(|b| {
                 let mut row = KvCache::new(cache.layers.len());
