@@ -8,12 +8,17 @@
 #
 #   scripts/cuda-build-check.sh          # ~10-15 min on 2 cores the first time
 #
-# Uses its own target dir (target/cuda) so that it never invalidates the CPU build's artifacts.
+# Uses the CPU build's target dir ($CARGO_TARGET_DIR, else target/; CUDA_TARGET_DIR overrides), so that the
+# ~400 dependencies that do not change with `cuda` (GStreamer bindings, tokio, tokenizers, rusqlite, rustls,
+# ...) are reused from `cargo test --workspace` instead of being compiled a second time: only candle, cudarc,
+# candle-kernels and our crates are rebuilt with the feature on. This is safe: cargo keeps both variants side
+# by side under their own hashes, and a later CPU build re-links target/debug/rexstream from its own
+# (fresh) artifacts rather than leaving the CUDA binary there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/cuda-toolkit.sh install
 eval "$(scripts/cuda-toolkit.sh env)"
-export CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-$PWD/target/cuda}"
+export CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-${CARGO_TARGET_DIR:-$PWD/target}}"
 cargo build -p rexstream -p rexbench --features rexstream/cuda,rexbench/cuda --bins
 for bin in rexstream rexbench; do
   test -x "$CARGO_TARGET_DIR/debug/$bin" || { echo "cuda-build-check: $bin was not linked" >&2; exit 1; }

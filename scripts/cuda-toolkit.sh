@@ -105,7 +105,7 @@ export CUDA_PATH="$r"
 export CUDA_TOOLKIT_ROOT_DIR="$r"
 export PATH="$r/bin:\$PATH"
 export CUDA_COMPUTE_CAP=90
-export CUDAFORGE_THREADS=2
+export CUDAFORGE_THREADS=$(nproc)
 # cudarc's build script searches \$CUDA_ROOT/lib and \$CUDA_ROOT/lib/stubs for the link-time stubs.
 # Never put lib/stubs on LD_LIBRARY_PATH: a stub must not shadow a real driver at run time.
 EOF
