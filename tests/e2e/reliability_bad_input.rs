@@ -288,6 +288,11 @@ fn corrupt_video_and_bad_prompts_leave_the_rest_running() -> Result<()> {
         "a thread panicked; log:\n{}",
         tail(&log, 40)
     );
+    // The healthy stream keeps ≥ 80 % of its rate. Over an 8 s window at 1.1–1.6 fps one frame is
+    // 8–11 % of the rate, so 0.8 allows about two frames of jitter. Measured 2026-11-30 14:59 and
+    // 15:14 UTC, three runs of `nice -n 10 cargo test -p rexstream-e2e --test reliability_bad_input
+    // -- --nocapture` (load 19–20): after/before = 1.12/1.25 (0.90), 1.37/1.12 (1.22), 1.62/1.62
+    // (1.00). The worst is one frame above the bound: the tightest margin of the e2e suite.
     assert!(
         after >= 0.8 * before && after > 0.0,
         "healthy stream slowed from {before:.2} to {after:.2} fps"

@@ -17,8 +17,9 @@
 //! most one period in the slot, then takes one period to process; p99 rather than the median
 //! because on a shared CPU a batch now and then takes 2–3× the median, and the frame that waited
 //! for it is late by that much without anything queueing — queueing would grow without bound);
-//! the p99 queue wait (capture → batch start, `timing.queue_ms`) below one median detector
-//! period; RSS at the end within 10 % of the start; every frame accounted for. The overload factor
+//! the p99 queue wait (capture → batch start, `timing.queue_ms`) below [`QUEUE_BOUND_PERIODS`]
+//! median detector period; RSS at the end within [`RSS_GROWTH`] of the start; every frame
+//! accounted for. Each bound's doc comment gives its margin over measured runs. The overload factor
 //! (source rate / detector rate) is measured, not assumed: when it is at least [`MIN_OVERLOAD`] the
 //! test also requires superseded drops; when the detector keeps up with the camera (a fast machine),
 //! nothing has to be dropped, and the test prints `SKIPPED the overload-only assertions` with the
@@ -38,8 +39,25 @@ use rexstream_e2e::{
 };
 use serde_json::Value;
 
-/// The latency bound, in detector periods (issue 6: "about two detector periods").
+/// The latency bound, in detector periods (issue 6: "about two detector periods"). Measured
+/// 2026-11-30 14:41–14:46 and 14:56 UTC, four short runs of `nice -n 10 cargo test -p rexstream-e2e
+/// --test reliability_overload -- --nocapture` (2 shared cores, load average 16–20, tiny-tied, debug
+/// profile): p99 latency / p99 period = 1323/1317, 1295/1276, 2305/2296, 2398/2388 ms, i.e.
+/// 1.00–1.01 (the long run, 15:00 UTC: 1629/1610). The bound, 2 periods, is twice the worst ratio
+/// seen: one period in the slot at most, one to process; queueing would grow past it without limit.
 const LATENCY_BOUND_PERIODS: f64 = 2.0;
+/// The p99 queue wait (capture → batch start) must stay under this many median detector periods.
+/// Measured on the same runs: 53/645, 66/810, 81/891, 39/845 ms, i.e. 0.05–0.09 of a period: the
+/// bound is ~11× the worst seen. A frame that waited behind another would wait a whole period.
+const QUEUE_BOUND_PERIODS: f64 = 1.0;
+/// Resident memory at the end of the load may exceed the start by at most this share. Measured
+/// +0.0 %, +0.1 %, +0.1 %, +0.2 % over 25 s (~1 000 frames received) and −0.1 % over the 150 s
+/// long run (5 159 received): 10 % is far above that noise. What it catches, tried 2026-11-30:
+/// leaking each *received* frame's pixels (in the slot) gave +78.0 % and failed; leaking each
+/// *processed* frame's pixels (in the worker, 28 frames in the window, ~3 MiB) gave +0.3 % and
+/// passed. A leak that small is served from free heap the allocator already holds after the
+/// model's warm-up, so no RSS bound over this window would see it.
+const RSS_GROWTH: f64 = 0.10;
 /// The least measured source/detector rate ratio for the run to count as overload: at 2× at least
 /// every other frame must be superseded, so the drop path runs all the time.
 const MIN_OVERLOAD: f64 = 2.0;
@@ -248,12 +266,13 @@ fn fast_camera_is_dropped_not_queued() -> Result<()> {
     // Nothing queues: the time from capture to the start of a frame's batch stays under one
     // (median) detector period — the slot hands over the newest frame when the worker asks.
     assert!(
-        queue_p99 < period,
+        queue_p99 < QUEUE_BOUND_PERIODS * period,
         "p99 queue wait {queue_p99:.0} ms ≥ median detector period {period:.0} ms: frames are queueing"
     );
     assert!(
-        (rss_end as f64) <= 1.10 * rss_start as f64,
-        "RSS grew from {rss_start} KiB to {rss_end} KiB (> 10 %)"
+        (rss_end as f64) <= (1.0 + RSS_GROWTH) * rss_start as f64,
+        "RSS grew from {rss_start} KiB to {rss_end} KiB (> {:.0} %)",
+        RSS_GROWTH * 100.0
     );
     // Every received frame is processed, dropped, or one of the ≤ HELD not yet counted either way;
     // exact, because all counters come from one consistent scrape.
