@@ -3,8 +3,12 @@
 //! materialise 16 × 10k × 10k f32 scores (6.4 GB, spec §2.3).
 //!
 //! In: q `[B, H, Lq, D]`, k/v `[B, H, Lk, D]` in the model dtype, an optional additive f32 mask per query chunk.
-//! Out: `[B, H, Lq, D]`. Scores are computed in the model dtype and the softmax in f32, as HF eager attention
-//! does (`softmax(..., dtype=float32).to(q.dtype)`).
+//! Out: `[B, H, Lq, D]` in the model dtype. In half precision q, k and v are widened to f32 (exactly) and
+//! the scores, softmax and weighted sum stay in f32, rounded to the model dtype once at the end: what the
+//! fused kernels behind transformers' default `sdpa` attention do (torch's CPU flash attention and CUDA's
+//! flash / memory-efficient kernels accumulate in f32). Rounding the scores and the probabilities to bf16
+//! (HF's `eager` path) flips greedy steps between neighbouring coordinate bins measurably more often
+//! (tests/reference/hf_bf16_agreement.py, tests/model_tiny_detector.rs).
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -25,6 +29,12 @@ where
     let (b, h, lq, d) = q.dims4()?;
     let lk = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
+    let out_dtype = v.dtype();
+    let (q, k, v) = (
+        q.to_dtype(DType::F32)?,
+        k.to_dtype(DType::F32)?,
+        v.to_dtype(DType::F32)?,
+    );
     let kt = k.transpose(2, 3)?.contiguous()?;
     let rows = (max_elems / (b * h * lk).max(1)).clamp(1, lq.max(1));
     let mut outs = Vec::with_capacity(lq.div_ceil(rows));
@@ -36,13 +46,13 @@ where
         } else {
             q.narrow(2, start, n)?
         };
-        let scores = (qc.contiguous()?.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+        let scores = (qc.contiguous()?.matmul(&kt)? * scale)?;
         let scores = match mask(start, n)? {
             Some(m) => scores.broadcast_add(&m)?,
             None => scores,
         };
-        let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        outs.push(p.matmul(v)?);
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        outs.push(p.matmul(&v)?.to_dtype(out_dtype)?);
         start += n;
     }
     if outs.len() == 1 {
