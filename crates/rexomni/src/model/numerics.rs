@@ -62,7 +62,7 @@ mod tests {
     use std::collections::HashMap;
 
     /// bf16 RMSNorm and SiLU equal the f32 result rounded once to bf16 (what the module promises), where
-    /// candle's bf16 CPU kernels are off by more on some elements.
+    /// candle's bf16 CPU kernels differ on many elements.
     #[test]
     fn bf16_is_f32_rounded_once() -> Result<()> {
         let dev = Device::Cpu;
@@ -77,18 +77,26 @@ mod tests {
         let want = rms_norm(96, 1e-6, vb(DType::F32))?
             .forward(&x.to_dtype(DType::F32)?)?
             .to_dtype(DType::BF16)?;
-        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()
+        let differing = |a: &Tensor, b: &Tensor| -> Result<usize> {
+            let (a, b) = (
+                a.flatten_all()?.to_vec1::<half::bf16>()?,
+                b.flatten_all()?.to_vec1::<half::bf16>()?,
+            );
+            Ok(a.iter().zip(&b).filter(|(x, y)| x != y).count())
         };
-        // The f32 sums may differ in the last f32 bit between the two ways of computing them, which can move
-        // a value sitting on a rounding boundary by one bf16 ulp (at most 2^-7 relative for |y| < 4·2).
-        assert!(max_diff(&ours, &want)? <= 2f32.powi(-6), "rms_norm");
+        // The two f32 computations may differ in the last f32 bit, which moves a value sitting on a bf16
+        // rounding boundary by one ulp: a handful of the 672 elements at most. candle's kernel (three
+        // roundings) differs on about a third of them.
+        let n = differing(&ours, &want)?;
+        assert!(n <= 672 / 100, "rms_norm: {n}/672 elements differ");
+        let candle = candle_nn::ops::rms_norm(&x, &w, 1e-6)?;
+        assert!(
+            differing(&candle, &want)? > 672 / 10,
+            "candle's kernel rounds more"
+        );
         let s = silu(&x)?;
         let want_s = x.to_dtype(DType::F32)?.silu()?.to_dtype(DType::BF16)?;
-        assert_eq!(max_diff(&s, &want_s)?, 0.0, "silu");
+        assert_eq!(differing(&s, &want_s)?, 0, "silu");
         Ok(())
     }
 }
