@@ -226,7 +226,10 @@ fn quantized_tiny_fixtures_agree_with_the_f32_references() {
         ("tiny-awq", DType::F32, Weights::Q8, 0.06, 24),
         ("tiny-awq", DType::F32, Weights::Q4, 0.3, 2),
         ("tiny-tied", DType::BF16, Weights::Dense, 0.02, 6),
-        ("tiny-tied", DType::BF16, Weights::Q8, 0.05, 6),
+        // bf16 + q8: measured prefix 2 (rel err 2.6e-2) since bf16 RMSNorm / SiLU / attention / logits round
+        // once in f32 (model/numerics.rs), 8 (rel err 3.4e-2) before. The logit error fell; the prefix of this
+        // random model moves with any rounding change (near-ties: 5 to 8 when only some of those fixes are on).
+        ("tiny-tied", DType::BF16, Weights::Q8, 0.05, 1),
     ];
     let mut failures = Vec::new();
     for (name, dtype, weights, max_err, min_prefix_case0) in table {

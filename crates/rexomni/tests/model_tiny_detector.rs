@@ -9,8 +9,9 @@
 //! - `batch_of_mixed_sizes_matches_singles`: all four frame sizes in one `generate` call.
 //! - `bf16_greedy_agrees_with_f32`: the bf16 engine (the CUDA default) against the f32 reference: on every
 //!   frame the same labels in the same order, boxes within two grid steps (8 px) and the EOS stop; identical
-//!   greedy ids on at least 75 % of frames (measured 78 %; issue 18 asks 90 %, not reached). The margins of
-//!   this checkpoint are real (unlike the random tiny ones, whose greedy steps are near-ties), so this can fail.
+//!   greedy ids on at least 90 % of frames (issue 18; measured 31/32). The margins of this checkpoint are real
+//!   (unlike the random tiny ones, whose greedy steps are near-ties), so this can fail: with candle's bf16 CPU
+//!   RMSNorm and SiLU, bf16 attention scores and bf16-rounded logits it was 26/32.
 #![cfg(feature = "model")]
 
 mod model_support;
@@ -370,10 +371,12 @@ fn bf16_greedy_agrees_with_f32() {
          the agreeing prefixes, EOS on {eos}/{n}, boxes at most {worst_px:.1} px from f32's",
         100.0 * same as f64 / n as f64
     );
-    // Measured on this checkpoint: 25/32 (78 %). Issue 18 asks for 90 %; the margins between neighbouring
-    // 4-px grid positions are not yet that wide (see tests/fixtures/tiny-detector/README.md).
+    // Issue 18 asks for 90 %. Measured on this checkpoint: 31/32 (97 %; the one miss, clip10, moves one
+    // coordinate by one grid step). transformers' own bf16 gets 26/32 with sdpa and 27/32 with eager attention
+    // (tests/reference/hf_bf16_agreement.py): our path rounds less than it does (model/numerics.rs, attention.rs,
+    // cpu_bf16::linear_forward_f32). Before those fixes ours was 26/32 and this assertion failed.
     assert!(
-        same * 4 >= n * 3,
-        "bf16 greedy ids equal f32's on only {same}/{n} frames (want >= 75 %)"
+        same * 10 >= n * 9,
+        "bf16 greedy ids equal f32's on only {same}/{n} frames (want >= 90 %)"
     );
 }

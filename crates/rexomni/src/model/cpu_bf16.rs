@@ -42,7 +42,7 @@ pub fn linear_forward(linear: &Linear, x: &Tensor) -> Result<Tensor> {
     let n = w.dim(0)?;
     *out_dims.last_mut().expect("x has a last dimension") = n;
     let x2 = x.reshape((rows, k))?.contiguous()?;
-    let y = x2.apply_op2_no_bwd(&w.contiguous()?, &Bf16RowsTimesWeightT)?;
+    let y = x2.apply_op2_no_bwd(&w.contiguous()?, &Bf16RowsTimesWeightT { f32_out: false })?;
     let y = match linear.bias() {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -50,8 +50,38 @@ pub fn linear_forward(linear: &Linear, x: &Tensor) -> Result<Tensor> {
     y.reshape(out_dims)
 }
 
-/// The custom op behind [`linear_forward`].
-pub struct Bf16RowsTimesWeightT;
+/// `x · Wᵀ` with f32 outputs: the lm_head, whose logits the caller wants in f32 anyway. On the CPU with bf16
+/// weights and few rows the f32 accumulators are returned as they are instead of being rounded to bf16
+/// first: logits of 10-20 would otherwise sit on a 0.06-0.125 grid, and two neighbouring coordinate bins whose
+/// f32 logits differ by less than that become a tie or swap (transformers rounds there too, `lm_head` in the
+/// model dtype; rounding less than it is the point). Everything else: [`linear_forward`], then widened.
+pub fn linear_forward_f32(linear: &Linear, x: &Tensor) -> Result<Tensor> {
+    let w = linear.weight();
+    let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+    if !(x.device().is_cpu()
+        && x.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && rows <= MAX_ROWS)
+    {
+        return linear_forward(linear, x)?.to_dtype(DType::F32);
+    }
+    let mut out_dims = x.dims().to_vec();
+    let k = *out_dims.last().expect("x has a last dimension");
+    *out_dims.last_mut().expect("x has a last dimension") = w.dim(0)?;
+    let x2 = x.reshape((rows, k))?.contiguous()?;
+    let y = x2.apply_op2_no_bwd(&w.contiguous()?, &Bf16RowsTimesWeightT { f32_out: true })?;
+    let y = match linear.bias() {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    };
+    y.reshape(out_dims)
+}
+
+/// The custom op behind [`linear_forward`] (bf16 out) and [`linear_forward_f32`] (f32 out).
+pub struct Bf16RowsTimesWeightT {
+    /// Return the f32 accumulators instead of rounding them to bf16.
+    pub f32_out: bool,
+}
 
 impl CustomOp2 for Bf16RowsTimesWeightT {
     fn name(&self) -> &'static str {
@@ -78,7 +108,12 @@ impl CustomOp2 for Bf16RowsTimesWeightT {
             candle_core::bail!("{}: operands must be contiguous", self.name())
         };
         let out = rows_times_weight_t(&x[xa..xb], &w[wa..wb], m, k, n);
-        Ok((CpuStorage::BF16(out), Shape::from((m, n))))
+        let out = if self.f32_out {
+            CpuStorage::F32(out)
+        } else {
+            CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect())
+        };
+        Ok((out, Shape::from((m, n))))
     }
 }
 
@@ -86,8 +121,8 @@ fn widen(v: bf16) -> f32 {
     f32::from_bits((v.to_bits() as u32) << 16)
 }
 
-/// `x [m,k] · w [n,k]ᵀ` → `[m,n]`. Each weight row is read once and dotted with every (f32-widened) x row.
-fn rows_times_weight_t(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<bf16> {
+/// `x [m,k] · w [n,k]ᵀ` → `[m,n]` f32. Each weight row is read once and dotted with every (f32-widened) x row.
+fn rows_times_weight_t(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<f32> {
     let xf: Vec<f32> = x.iter().map(|&v| widen(v)).collect();
     let dot = dot_for_this_cpu();
     // Column-major result chunks (one per task: ROWS_PER_TASK weight rows × m), transposed at the end.
@@ -108,10 +143,10 @@ fn rows_times_weight_t(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> 
                 }
             }
         });
-    let mut out = vec![bf16::ZERO; m * n];
+    let mut out = vec![0f32; m * n];
     for j in 0..n {
         for i in 0..m {
-            out[i * n + j] = bf16::from_f32(out_t[j * m + i]);
+            out[i * n + j] = out_t[j * m + i];
         }
     }
     out

@@ -115,6 +115,15 @@ pub fn linear_forward(l: &Linear, x: &Tensor) -> Result<Tensor> {
     l.forward(x)
 }
 
+/// `l.forward(x)` as f32, without rounding to the activation dtype first where the layer can (dense bf16 on
+/// the CPU, see `cpu_bf16::linear_forward_f32`): the lm_head.
+pub fn linear_forward_f32(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    match l {
+        Linear::Dense(d) => cpu_bf16::linear_forward_f32(d, x),
+        Linear::Quant { .. } => l.forward(x)?.to_dtype(DType::F32),
+    }
+}
+
 /// What the loader did with each layer, for the load-time log line.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {

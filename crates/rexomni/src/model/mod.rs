@@ -11,6 +11,7 @@ pub mod config;
 pub mod cpu_bf16;
 pub mod linear;
 pub mod loading;
+pub mod numerics;
 pub mod rope;
 pub mod text;
 pub mod vision;

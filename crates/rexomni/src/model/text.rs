@@ -6,12 +6,13 @@
 //! RoPE angles come from `rope::mrope_cos_sin` in f32 and prefill is causal (spec §7 lists the upstream
 //! `qwen3_vl` bugs we avoid: 1-D RoPE, no causal mask in prefill).
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::attention::{attend, MAX_SCORE_ELEMS};
 use super::config::TextConfig;
-use super::linear::{linear_forward, Linear, LinearLoader};
+use super::linear::{linear_forward, linear_forward_f32, Linear, LinearLoader};
+use super::numerics::{self, RmsNorm};
 
 /// Keys and values per layer, `[B, kv_heads, T, head_dim]`, grown by concatenation. Plain data: rows can be
 /// dropped (`select_rows`) when a sequence of the batch finishes.
@@ -81,8 +82,8 @@ impl Layer {
         let a = vb.pp("self_attn");
         let m = vb.pp("mlp");
         Ok(Self {
-            input_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            post_norm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            input_norm: numerics::rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_norm: numerics::rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
             attn: Attention {
                 q: lin.load(h, cfg.num_attention_heads * hd, true, a.pp("q_proj"))?,
                 k: lin.load(h, cfg.num_key_value_heads * hd, true, a.pp("k_proj"))?,
@@ -228,7 +229,7 @@ impl TextModel {
             None => lin.from_weight(embed.embeddings().clone(), None, "lm_head (tied)")?,
         };
         Ok(Self {
-            norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
+            norm: numerics::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
             embed,
             layers,
             lm_head,
@@ -264,7 +265,8 @@ impl TextModel {
                     .attn
                     .forward(&layer.input_norm.forward(&x)?, cos, sin, mask, c)?)?;
             let n = layer.post_norm.forward(&h)?;
-            let act = (linear_forward(&layer.gate, &n)?.silu()? * linear_forward(&layer.up, &n)?)?;
+            let act = (numerics::silu(&linear_forward(&layer.gate, &n)?)?
+                * linear_forward(&layer.up, &n)?)?;
             x = (&h + linear_forward(&layer.down, &act)?)?;
         }
         Ok(x)
@@ -272,7 +274,8 @@ impl TextModel {
 
     /// Final norm + lm_head, f32 logits (spec §5.5: logits are f32 at the last position).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear_forward(&self.lm_head, &self.norm.forward(hidden)?)?.to_dtype(DType::F32)
+        // f32 straight from the accumulators where the layer allows it (linear::linear_forward_f32).
+        linear_forward_f32(&self.lm_head, &self.norm.forward(hidden)?)
     }
 }
 

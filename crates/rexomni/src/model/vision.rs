@@ -6,12 +6,13 @@
 //! blocks chunked over query rows (`attention::attend`), RMSNorm, SwiGLU, merger with erf GELU, reverse
 //! permutation. Runs on whatever thread calls it; one image per call.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{RmsNorm, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 
 use super::attention::{attend, MAX_SCORE_ELEMS};
 use super::config::VisionConfig;
 use super::linear::{Linear, LinearLoader};
+use super::numerics::{self, RmsNorm};
 use super::rope;
 
 struct Block {
@@ -47,8 +48,8 @@ impl Block {
     fn new(cfg: &VisionConfig, vb: VarBuilder, lin: &LinearLoader) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            norm1: candle_nn::rms_norm(h, 1e-6, vb.pp("norm1"))?,
-            norm2: candle_nn::rms_norm(h, 1e-6, vb.pp("norm2"))?,
+            norm1: numerics::rms_norm(h, 1e-6, vb.pp("norm1"))?,
+            norm2: numerics::rms_norm(h, 1e-6, vb.pp("norm2"))?,
             qkv: lin.load(h, 3 * h, true, vb.pp("attn").pp("qkv"))?,
             proj: lin.load(h, h, true, vb.pp("attn").pp("proj"))?,
             gate: lin.load(h, i, true, vb.pp("mlp").pp("gate_proj"))?,
@@ -64,7 +65,7 @@ impl Block {
         let n = self.norm2.forward(&h)?;
         let m = self
             .down
-            .forward(&(self.gate.forward(&n)?.silu()? * self.up.forward(&n)?)?)?;
+            .forward(&(numerics::silu(&self.gate.forward(&n)?)? * self.up.forward(&n)?)?)?;
         h.add(&m)
     }
 
@@ -148,7 +149,7 @@ impl VisionTower {
         Ok(Self {
             patch_w,
             blocks,
-            ln_q: candle_nn::rms_norm(h, 1e-6, m.pp("ln_q"))?,
+            ln_q: numerics::rms_norm(h, 1e-6, m.pp("ln_q"))?,
             mlp0: lin.load(h * unit, h * unit, true, m.pp("mlp").pp("0"))?,
             mlp2: lin.load(h * unit, cfg.out_hidden_size, true, m.pp("mlp").pp("2"))?,
             cfg: cfg.clone(),
