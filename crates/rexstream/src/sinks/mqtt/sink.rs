@@ -725,10 +725,10 @@ impl SinkLoop {
                     self.complete(what);
                 }
             }
-            Event::Incoming(Incoming::Publish(p)) => {
-                if !self.on_reannounce(&p.topic, &p.payload) {
-                    self.on_prompt_set(&p.topic, &p.payload)
-                }
+            // A re-announce topic's message is handled by `on_reannounce` (in the guard); any
+            // other incoming message is a prompt change.
+            Event::Incoming(Incoming::Publish(p)) if !self.on_reannounce(&p.topic, &p.payload) => {
+                self.on_prompt_set(&p.topic, &p.payload)
             }
             Event::Incoming(Incoming::SubAck(_)) => {
                 debug!(message = "Subscribed to prompt-set topics.", topic = %format!("{}/+/prompt/set", self.shared.prefix));
