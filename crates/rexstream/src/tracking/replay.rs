@@ -95,24 +95,26 @@ fn print(out: &mut impl Write, o: &Output) -> Result<()> {
     Ok(())
 }
 
-/// Queue one output on the MQTT outbox (topics as the live runtime uses them).
+/// Hand one output to the MQTT sink (topics as the live runtime uses them). Events are messages:
+/// they queue on the outbox, in order, and survive broker outages. Counts, snapshots and
+/// discovery configs are retained *states*: only the latest value of each topic matters, and the
+/// sink announces them again after every reconnect (a broker restarted without persistence forgot
+/// them) and on Home Assistant's birth message.
 pub fn publish(h: &crate::sinks::mqtt::MqttHandle, o: &Output) {
     match o {
         Output::Event(m) => match serde_json::to_vec(m) {
             Ok(p) => h.publish_message("events", p, false),
             Err(error) => tracing::warn!(message = "Event not serializable; dropped.", %error),
         },
-        Output::Count { topic, count } => {
-            h.publish_message(topic, count.to_string().into_bytes(), true)
-        }
+        Output::Count { topic, count } => h.set_retained(topic, count.to_string().into_bytes()),
         Output::Snapshot {
             stream,
             label,
             jpeg,
             ..
-        } => h.publish_message(&format!("{stream}/{label}/snapshot"), jpeg.to_vec(), true),
+        } => h.set_retained(&format!("{stream}/{label}/snapshot"), jpeg.to_vec()),
         Output::Discovery { topic, payload } => {
-            h.publish_absolute(topic.clone(), payload.clone(), true)
+            h.set_retained_topic(topic.clone(), payload.clone())
         }
     }
 }

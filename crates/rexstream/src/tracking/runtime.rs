@@ -253,6 +253,31 @@ fn run(
     }
 }
 
+/// What to publish for events a crash left open (closed by [`EventStore::open`]): each one's
+/// `end`, then 0 on every count topic it was counted in (`<stream>/<label>`, `<stream>/all`, and
+/// `<zone>/<label>`, `<zone>/all` for the zones it was in). Nothing is tracked yet at start, so 0
+/// is the truth; without it a retained count stays at its crash-time value and Home Assistant's
+/// occupancy sensor stays "on".
+pub fn crash_outputs(closed: &[super::object::EventMessage]) -> Vec<Output> {
+    let mut out: Vec<Output> = closed.iter().cloned().map(Output::Event).collect();
+    let mut topics = std::collections::BTreeSet::new();
+    for m in closed {
+        let s = &m.before;
+        for label in [s.label.as_str(), "all"] {
+            topics.insert(format!("{}/{label}", s.camera));
+            for z in &s.current_zones {
+                topics.insert(format!("{z}/{label}"));
+            }
+        }
+    }
+    out.extend(
+        topics
+            .into_iter()
+            .map(|topic| Output::Count { topic, count: 0 }),
+    );
+    out
+}
+
 /// What [`start_for`] started.
 pub struct Started {
     pub runtime: EventsRuntime,
@@ -296,10 +321,19 @@ pub fn start_for(
         None => None,
         Some(path) => {
             let (store, closed) = EventStore::open(&path, cfg.retention_days, now_s())?;
-            info!(message = "Event store open.", path = %path.display(), closed_after_crash = closed, events = store.len().unwrap_or(0));
+            info!(message = "Event store open.", path = %path.display(), closed_after_crash = closed.len(), events = store.len().unwrap_or(0));
+            // Events a crash left open: their `end` and zeroed counts go out first, so Home
+            // Assistant and automations do not show the object as present forever.
+            for o in crash_outputs(&closed) {
+                super::replay::publish(&mqtt, &o);
+            }
             Some(Arc::new(store))
         }
     };
+    if let Some(h) = pipeline.raw.homeassistant.as_ref().filter(|h| h.discovery) {
+        // Home Assistant's birth message: a restarted Home Assistant asks for discovery again.
+        mqtt.reannounce_on(&format!("{}/status", h.prefix), b"online");
+    }
     let st = store.clone();
     let mut last_purge = Instant::now();
     let sink: OutputSink = Box::new(move |o| {
@@ -324,4 +358,49 @@ pub fn start_for(
     });
     let runtime = EventsRuntime::start_with(cfg, streams, sink, discovery)?;
     Ok(Some(Started { runtime, store }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracking::object::{EventMessage, EventType, TrackedObject};
+    use rexomni::protocol::Geometry;
+
+    #[test]
+    fn crash_outputs_end_each_event_and_zero_its_counts() {
+        let g = Geometry::Box {
+            coords: [10.0, 10.0, 50.0, 90.0],
+            norm: [0.0; 4],
+        };
+        let mut a = TrackedObject::new("yard", "m", &g, "person", 0.9, 100.0, 100, 100).state;
+        a.current_zones = vec!["drive".into()];
+        let mut b = TrackedObject::new("yard", "m", &g, "car", 0.9, 101.0, 100, 100).state;
+        b.current_zones = vec![];
+        let end = |s: &crate::tracking::ObjectState| EventMessage {
+            kind: EventType::End,
+            before: s.clone(),
+            after: s.clone(),
+        };
+        let out = crash_outputs(&[end(&a), end(&b)]);
+        assert_eq!(out[0], Output::Event(end(&a)));
+        assert_eq!(out[1], Output::Event(end(&b)));
+        let counts: Vec<(&str, usize)> = out[2..]
+            .iter()
+            .map(|o| match o {
+                Output::Count { topic, count } => (topic.as_str(), *count),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ("drive/all", 0),
+                ("drive/person", 0),
+                ("yard/all", 0),
+                ("yard/car", 0),
+                ("yard/person", 0)
+            ]
+        );
+        assert!(crash_outputs(&[]).is_empty());
+    }
 }

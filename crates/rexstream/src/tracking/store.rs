@@ -7,7 +7,8 @@
 //! (reads); SQLite work per event is one upsert of a few hundred bytes.
 //!
 //! Survives restarts: at open, rows a crash left open (`end_time` null) are closed at their
-//! last-seen time, so the store never claims an object is still there; new ids are never equal to
+//! last-seen time, so the store never claims an object is still there, and their `end` messages are
+//! handed back for the caller to publish (MQTT consumers saw a `new` and no `end`); new ids are never equal to
 //! stored ones (random tails, and an insert never overwrites a row of another process: ids are
 //! checked). Retention: rows older than `retention_days` (by start time) are deleted at open and
 //! every hour.
@@ -18,7 +19,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
-use super::object::{EventMessage, EventType};
+use super::object::{EventMessage, EventType, ObjectState};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +127,14 @@ impl EventStore {
     ///
     /// # Errors
     /// The folder cannot be created, or SQLite cannot open or migrate the file.
-    pub fn open(path: &Path, retention_days: f64, now: f64) -> Result<(Self, usize), StoreError> {
+    /// Returns the store and one `end` message per event a crash left open (see
+    /// [`EventStore::close_open`]): the caller publishes them, so MQTT consumers (Home Assistant)
+    /// learn that the object is gone.
+    pub fn open(
+        path: &Path,
+        retention_days: f64,
+        now: f64,
+    ) -> Result<(Self, Vec<EventMessage>), StoreError> {
         let err = |source| StoreError::Sqlite {
             path: path.to_path_buf(),
             source,
@@ -182,16 +190,54 @@ impl EventStore {
     }
 
     /// Rows left open by a crash end at their last-seen time (their stored `after` is updated to
-    /// say so: `end_time`, `active: false`, no current zones). Returns how many.
-    pub fn close_open(&self) -> Result<usize, StoreError> {
-        self.conn()
-            .execute(
+    /// say so: `end_time`, `active: false`, no current zones). Returns one `end` message per row
+    /// closed, `before` = the last state stored, `after` = the closed state, oldest first; rows
+    /// whose stored state cannot be read back (written by another version) are closed all the same
+    /// but give no message.
+    pub fn close_open(&self) -> Result<Vec<EventMessage>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let open: Vec<(String, f64, String)> = {
+            let mut st = tx
+                .prepare(
+                    "SELECT id, last_seen, data FROM events WHERE end_time IS NULL
+                     ORDER BY start_time, id",
+                )
+                .map_err(|e| self.err(e))?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(|e| self.err(e))?;
+            rows.collect::<Result<_, _>>().map_err(|e| self.err(e))?
+        };
+        let mut ends = Vec::new();
+        for (id, last_seen, data) in open {
+            tx.execute(
                 "UPDATE events SET end_time = last_seen,
                     data = json_set(data, '$.end_time', last_seen, '$.active', json('false'), '$.current_zones', json('[]'))
-                 WHERE end_time IS NULL",
-                [],
+                 WHERE id = ?1",
+                params![id],
             )
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+            match serde_json::from_str::<ObjectState>(&data) {
+                Ok(before) => {
+                    let mut after = before.clone();
+                    after.end_time = Some(last_seen);
+                    after.active = false;
+                    after.current_zones.clear();
+                    after.pending_loitering = false;
+                    ends.push(EventMessage {
+                        kind: EventType::End,
+                        before,
+                        after,
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(message = "Crash-closed event has an unreadable state; no end message.", %id, %error);
+                }
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(ends)
     }
 
     /// Delete rows that started more than `retention_days` before `now`.
@@ -370,7 +416,7 @@ mod tests {
         let path = temp("crash");
         let now = 1_800_000_000.0;
         let (store, closed) = EventStore::open(&path, 10.0, now).unwrap();
-        assert_eq!(closed, 0);
+        assert!(closed.is_empty());
         let mut a = state(now);
         store.record(&msg(EventType::New, &a)).unwrap();
         a.frame_time = now + 7.0;
@@ -388,7 +434,17 @@ mod tests {
         drop(store); // "crash": a is still open
 
         let (store, closed) = EventStore::open(&path, 10.0, now + 60.0).unwrap();
-        assert_eq!(closed, 1);
+        // One `end` to publish, for a only, ending at its last-seen time.
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].kind, EventType::End);
+        assert_eq!(closed[0].after.id, a.id);
+        assert_eq!(closed[0].before, a);
+        assert_eq!(closed[0].after.end_time, Some(now + 7.0));
+        assert!(!closed[0].after.active && closed[0].after.current_zones.is_empty());
+        // Closed once: the next open has nothing left to close.
+        drop(store);
+        let (store, again) = EventStore::open(&path, 10.0, now + 61.0).unwrap();
+        assert!(again.is_empty());
         let got = store.get(&a.id).unwrap().unwrap();
         assert_eq!(got["end_time"], now + 7.0);
         assert_eq!(got["active"], false);

@@ -5,8 +5,12 @@
 //! never blocks); MQTT packets from the broker. Out: `<prefix>/<stream>/detections` (QoS from
 //! config, not retained), `<prefix>/available` = `online`/`offline` (retained; `offline` is also
 //! the last will), `<prefix>/<stream>/prompt/state` (retained, the prompt in force), retained state
-//! topics such as `<prefix>/<stream>/motion` ([`MqttHandle::set_retained`]), and accepted prompt
-//! changes written to the [`PromptTable`].
+//! topics such as `<prefix>/<stream>/motion` ([`MqttHandle::set_retained`]) or event counts,
+//! snapshots and Home Assistant discovery configs ([`MqttHandle::set_retained_topic`]), and
+//! accepted prompt changes written to the [`PromptTable`]. Retained states are announced again
+//! after every reconnect (a broker without persistence forgot them) and when a re-announce topic
+//! registered with [`MqttHandle::reannounce_on`] says so (Home Assistant's birth message
+//! `homeassistant/status` = `online`: a restarted Home Assistant asks every integration again).
 //!
 //! Two tokio tasks:
 //! - the *poll task* owns rumqttc's `EventLoop` and does nothing but `poll()` it and forward each
@@ -79,10 +83,14 @@ struct Shared {
     prefix: String,
     metrics: Arc<Metrics>,
     overflow_log: Mutex<(Option<Instant>, u64)>,
-    /// Retained state topics (suffix after `<prefix>/`) → (latest payload, not yet handed to the broker).
+    /// Retained state topics (full topic) → (latest payload, not yet handed to the broker).
     /// A state, not a stream of messages: only the latest value matters, so it bypasses the outbox; every
-    /// entry is sent again after a reconnect, because a broker without persistence forgot it.
+    /// entry is sent again after a reconnect, because a broker without persistence forgot it, and on a
+    /// re-announce message. An empty payload (deletes the broker's retained message) stays too: sent
+    /// again it deletes nothing new, and a label that left the prompt stays removed.
     retained: Mutex<BTreeMap<String, (Vec<u8>, bool)>>,
+    /// `(topic, payload)` pairs that ask for every retained state again ([`MqttHandle::reannounce_on`]).
+    reannounce: Mutex<Vec<(String, Vec<u8>)>>,
 }
 
 /// Cheap, cloneable handle to push documents into the MQTT sink.
@@ -166,18 +174,38 @@ impl MqttHandle {
     /// Set the retained state topic `<prefix>/<suffix>` (e.g. `door/motion` = `ON`). Never blocks; the
     /// sink task publishes the latest value when connected, and again after each reconnect.
     pub fn set_retained(&self, suffix: &str, payload: Vec<u8>) {
+        self.set_retained_topic(format!("{}/{suffix}", self.shared.prefix), payload);
+    }
+
+    /// Set the retained state of an absolute `topic` (event counts, snapshots, Home Assistant
+    /// discovery configs; an empty payload deletes the broker's copy). Like
+    /// [`MqttHandle::set_retained`]: never blocks, only the latest value is sent, and it is sent again
+    /// after each reconnect and on a re-announce message.
+    pub fn set_retained_topic(&self, topic: String, payload: Vec<u8>) {
         let s = &self.shared;
         let changed = {
             let mut r = s.retained.lock().unwrap_or_else(|p| p.into_inner());
-            let same = r.get(suffix).is_some_and(|(p, _)| *p == payload);
+            let same = r.get(&topic).is_some_and(|(p, _)| *p == payload);
             if !same {
-                r.insert(suffix.to_string(), (payload, true));
+                r.insert(topic, (payload, true));
             }
             !same
         };
         if changed {
             s.notify.notify_one();
         }
+    }
+
+    /// Subscribe to `topic` (now, and after every reconnect); a message on it whose payload is
+    /// `payload` makes the sink publish `online` on `<prefix>/available` and every retained state
+    /// again. For Home Assistant's birth message (`homeassistant/status` = `online`).
+    pub fn reannounce_on(&self, topic: &str, payload: &[u8]) {
+        let s = &self.shared;
+        s.reannounce
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((topic.to_string(), payload.to_vec()));
+        s.notify.notify_one();
     }
 
     /// Documents in the outbox (queued or awaiting acknowledgement).
@@ -250,6 +278,7 @@ impl MqttSink {
             metrics: metrics.clone(),
             overflow_log: Mutex::new((None, 0)),
             retained: Mutex::new(BTreeMap::new()),
+            reannounce: Mutex::new(Vec::new()),
         });
         let (events_tx, events_rx) = mpsc::channel(256);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -281,6 +310,7 @@ impl MqttSink {
                 down_since: None,
                 last_down_log: None,
                 offline: OfflineState::NotSent,
+                reannounce_subscribed: 0,
             }
             .run(events_rx, close_rx, stop_tx),
         );
@@ -414,6 +444,8 @@ struct SinkLoop {
     down_since: Option<Instant>,
     last_down_log: Option<Instant>,
     offline: OfflineState,
+    /// How many of `Shared::reannounce`'s topics this connection has subscribed to.
+    reannounce_subscribed: usize,
 }
 
 impl SinkLoop {
@@ -454,6 +486,7 @@ impl SinkLoop {
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {}
             }
             if self.connected && self.offline == OfflineState::NotSent {
+                self.subscribe_reannounce();
                 self.publish_retained();
                 self.fill_window();
             }
@@ -559,10 +592,80 @@ impl SinkLoop {
                 })
                 .collect()
         };
-        for (suffix, payload) in due {
-            let topic = format!("{}/{}", self.shared.prefix, suffix);
+        for (topic, payload) in due {
             self.send(Sent::Other, topic, true, payload);
         }
+    }
+
+    /// Subscribe to re-announce topics registered since the connection was made.
+    fn subscribe_reannounce(&mut self) {
+        let topics: Vec<String> = {
+            let r = self
+                .shared
+                .reannounce
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            r.iter()
+                .skip(self.reannounce_subscribed)
+                .map(|(t, _)| t.clone())
+                .collect()
+        };
+        for topic in topics {
+            if let Err(error) = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                error!(message = "MQTT subscribe to a re-announce topic failed.", %topic, %error);
+            }
+            self.reannounce_subscribed += 1;
+        }
+    }
+
+    /// `online` and every retained state again (a re-announce message, or a new connection).
+    fn announce(&mut self) {
+        self.send(
+            Sent::Other,
+            self.available_topic(),
+            true,
+            b"online".to_vec(),
+        );
+        for (_, dirty) in self
+            .shared
+            .retained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values_mut()
+        {
+            *dirty = true;
+        }
+    }
+
+    /// A message on a re-announce topic; true if the topic was one (whatever its payload).
+    fn on_reannounce(&mut self, topic: &str, payload: &[u8]) -> bool {
+        let wanted = {
+            let r = self
+                .shared
+                .reannounce
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let matching: Vec<bool> = r
+                .iter()
+                .filter(|(t, _)| t == topic)
+                .map(|(_, p)| p == payload)
+                .collect();
+            if matching.is_empty() {
+                return false;
+            }
+            matching.contains(&true)
+        };
+        if wanted {
+            info!(
+                message =
+                    "Re-announce requested; publishing availability and retained states again.",
+                topic
+            );
+            self.announce();
+        } else {
+            debug!(message = "Ignoring re-announce topic message.", topic);
+        }
+        true
     }
 
     /// Send outbox entries until `max_inflight` are awaiting acknowledgement.
@@ -622,7 +725,11 @@ impl SinkLoop {
                     self.complete(what);
                 }
             }
-            Event::Incoming(Incoming::Publish(p)) => self.on_prompt_set(&p.topic, &p.payload),
+            // A re-announce topic's message is handled by `on_reannounce` (in the guard); any
+            // other incoming message is a prompt change.
+            Event::Incoming(Incoming::Publish(p)) if !self.on_reannounce(&p.topic, &p.payload) => {
+                self.on_prompt_set(&p.topic, &p.payload)
+            }
             Event::Incoming(Incoming::SubAck(_)) => {
                 debug!(message = "Subscribed to prompt-set topics.", topic = %format!("{}/+/prompt/set", self.shared.prefix));
             }
@@ -675,12 +782,11 @@ impl SinkLoop {
             None => info!(message = "Connected to MQTT broker.", outbox = queued),
         }
         self.last_down_log = None;
-        self.send(
-            Sent::Other,
-            self.available_topic(),
-            true,
-            b"online".to_vec(),
-        );
+        // `online`, and every retained state marked due (the main loop sends them): a restarted
+        // broker without persistence lost them.
+        self.announce();
+        // A clean session has no subscriptions: the main loop makes the re-announce ones again.
+        self.reannounce_subscribed = 0;
         let topic = format!("{}/+/prompt/set", self.shared.prefix);
         if let Err(error) = self.client.try_subscribe(topic, QoS::AtLeastOnce) {
             error!(message = "MQTT subscribe to prompt-set topics failed.", %error);
@@ -688,16 +794,6 @@ impl SinkLoop {
         // Re-announce every prompt in force: a restarted broker without persistence lost them.
         for stream in self.prompts.streams() {
             self.publish_state(&stream);
-        }
-        // The same for retained states: mark them all due; the main loop sends them.
-        for (_, dirty) in self
-            .shared
-            .retained
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values_mut()
-        {
-            *dirty = true;
         }
     }
 
