@@ -169,6 +169,22 @@ impl PackedBf16 {
 
     /// [`Self::matmul`] on a given level (tests and the micro-benchmark force each one).
     pub fn matmul_on(&self, level: Level, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<bf16> {
+        self.matmul_into(level, x, m, bias)
+    }
+
+    /// The f32 sums before the final rounding (tests compare them bit for bit).
+    #[cfg(test)]
+    fn matmul_f32_on(&self, level: Level, x: &[bf16], m: usize) -> Vec<f32> {
+        self.matmul_into(level, x, m, None)
+    }
+
+    fn matmul_into<T: Out>(
+        &self,
+        level: Level,
+        x: &[bf16],
+        m: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<T> {
         let (n, k, kp) = (self.n, self.k, self.kp);
         assert_eq!(x.len(), m * k, "x is {} values, not [{m}, {k}]", x.len());
         if let Some(b) = bias {
@@ -178,7 +194,7 @@ impl PackedBf16 {
             level == Level::Scalar || Level::available().contains(&level),
             "{level:?} is not supported on this CPU"
         );
-        let mut out = vec![bf16::ZERO; m * n];
+        let mut out = vec![T::from_f32(0.0); m * n];
         if m == 0 || n == 0 {
             return out;
         }
@@ -212,20 +228,22 @@ impl PackedBf16 {
                     }
                 }
             }
-            // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`.
-            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), m * n) };
             for r in 0..rows {
-                let dst = &mut out[(i0 + r) * n + j0..][..cols];
+                // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`, which holds
+                // m·n values and outlives the tasks.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add((i0 + r) * n + j0), cols)
+                };
                 let src = &c[r * ldc..][..cols];
                 match bias {
                     Some(b) => {
                         for ((d, &s), &bb) in dst.iter_mut().zip(src).zip(&b[j0..j0 + cols]) {
-                            *d = bf16::from_f32(s + bb);
+                            *d = T::from_f32(s + bb);
                         }
                     }
                     None => {
                         for (d, &s) in dst.iter_mut().zip(src) {
-                            *d = bf16::from_f32(s);
+                            *d = T::from_f32(s);
                         }
                     }
                 }
@@ -235,14 +253,31 @@ impl PackedBf16 {
     }
 }
 
+/// The output element: bf16 for the model, f32 (the sums unrounded) for tests.
+trait Out: Copy + Send + Sync {
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Out for bf16 {
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Out for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
 /// A raw pointer the tasks of one call share; each writes its own disjoint block.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut bf16);
+struct SendPtr<T>(*mut T);
 // SAFETY: only used for disjoint writes within one `matmul_on` call, which outlives its tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut bf16 {
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
         self.0
     }
 }
@@ -472,17 +507,27 @@ mod tests {
     }
 
     /// A row's result is bit-identical whatever the number of rows around it (the draft-block contract in
-    /// engine.rs): rows of a 40-row call against the same rows alone, on every level.
+    /// engine.rs): the f32 sums (before rounding, which would hide most differences) of rows of a 40-row call
+    /// against the same rows alone and in a 5-row call, on every level.
     #[test]
     fn a_rows_result_does_not_depend_on_the_other_rows() {
         let (m, k, n) = (40, 777, 100);
         let (x, w) = (values(m * k, 7), values(n * k, 8));
         let packed = PackedBf16::pack(&w, n, k);
         for level in Level::available() {
-            let all = packed.matmul_on(level, &x, m, None);
+            let all = packed.matmul_f32_on(level, &x, m);
+            let five = packed.matmul_f32_on(level, &x[35 * k..], 5);
+            assert_eq!(&all[35 * n..], &five[..], "{level:?} rows 35..40");
             for i in [0, 11, 12, 39] {
-                let one = packed.matmul_on(level, &x[i * k..(i + 1) * k], 1, None);
-                assert_eq!(&all[i * n..(i + 1) * n], &one[..], "{level:?} row {i}");
+                let one = packed.matmul_f32_on(level, &x[i * k..(i + 1) * k], 1);
+                assert_eq!(
+                    all[i * n..(i + 1) * n]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{level:?} row {i}"
+                );
             }
         }
     }
