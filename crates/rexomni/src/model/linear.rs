@@ -296,8 +296,14 @@ impl LinearLoader {
 
 /// A dense layer: packed for the bf16 GEMM when the weight is bf16 on the CPU (every bf16 CPU linear runs
 /// there), else candle's `Linear`.
+///
+/// `REXOMNI_BF16_GEMM=candle` in the environment keeps the previous path (candle's matmul, the row kernel for
+/// few rows): only so that a benchmark can measure before and after with one binary (docs/benchmarks.md).
 fn dense(w: Tensor, bias: Option<Tensor>) -> Result<Linear> {
-    if !(w.device().is_cpu() && w.dtype() == DType::BF16) {
+    static PREVIOUS_PATH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let previous = *PREVIOUS_PATH
+        .get_or_init(|| std::env::var("REXOMNI_BF16_GEMM").is_ok_and(|v| v == "candle"));
+    if previous || !(w.device().is_cpu() && w.dtype() == DType::BF16) {
         return Ok(Linear::Dense(candle_nn::Linear::new(w, bias)));
     }
     let (n, k) = w.dims2()?;
