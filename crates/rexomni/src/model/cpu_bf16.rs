@@ -1,4 +1,7 @@
-//! bf16 `x · Wᵀ` on the CPU for the few-row case (decode steps: one row per sequence of the batch).
+//! bf16 `x · Wᵀ` on the CPU for the few-row case (decode steps: one row per sequence of the batch), and the
+//! entry point of packed bf16 layers ([`packed_forward`], gemm_bf16.rs), which every bf16 CPU linear now uses.
+//! The row kernel below runs only where a bf16 weight stays unpacked (`REXOMNI_BF16_GEMM=candle`, the
+//! before/after benchmark switch) and in rexbench-gemm's comparison.
 //!
 //! Why: candle 0.11.1 has no CPU bf16 GEMM; its `matmul` widens BOTH operands to f32 on every call
 //! (cpu_backend/mod.rs, "no bf16 gemm kernel yet"). For a prefill that cost is amortised over hundreds of rows,
