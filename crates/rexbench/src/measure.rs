@@ -53,8 +53,10 @@ pub struct DecodeRow {
     pub batch: usize,
     pub ms_per_step: f64,
     pub tokens_per_s: f64,
-    /// Decoder weight bytes one step must read: divided by a device's memory bandwidth, the step's lower bound
-    /// (docs/benchmarks.md states the H100 ratio this way).
+    /// Decoder weight bytes one step must read, as the model holds them (dense, packed bf16 or the quantized
+    /// blocks with their scales; the embedding only through its looked-up rows, the tied lm_head in full):
+    /// divided by a device's memory bandwidth, the step's lower bound (docs/benchmarks.md states the H100
+    /// ratio this way).
     pub weight_bytes_per_step: usize,
 }
 
@@ -112,6 +114,8 @@ pub fn run(
     let parameters = parameter_count(cfg);
     let text_parameters = text_parameter_count(cfg);
     let bytes_per = dtype_bytes(model.dtype());
+    // As the layers hold them: q8/q4 blocks are ~1.06 / ~0.56 bytes per weight, not the dtype's 2.
+    let step_bytes = model.decoder_step_weight_bytes();
 
     let mut decode = Vec::new();
     for &b in &plan.batches {
@@ -127,7 +131,7 @@ pub fn run(
             batch: b,
             ms_per_step: secs * 1e3 / steps as f64,
             tokens_per_s: (b * steps) as f64 / secs,
-            weight_bytes_per_step: text_parameters * bytes_per,
+            weight_bytes_per_step: step_bytes,
         });
         eprintln!(
             "rexbench: decode batch {b}: {:.1} ms/step",

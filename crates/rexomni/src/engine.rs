@@ -28,9 +28,9 @@
 //! ones plain decoding emitted. What remains is arithmetic: a block row is computed by other matmul shapes
 //! than a one-token step (M = block length instead of 1), and a different summation order could move the
 //! last bits of a logit and flip a near tie. The block path is therefore built so every row meets the same
-//! per-row arithmetic as a step: on the CPU in bf16 the linear layers run cpu_bf16's row-wise kernel (each
-//! output one dot product over the input features, whatever the number of rows; the block is kept within its
-//! `MAX_ROWS`), RMSNorm, RoPE and the embedding are per row, and on the CPU the
+//! per-row arithmetic as a step: on the CPU in bf16 the linear layers run gemm_bf16's packed kernel (each
+//! output one sequential chain over the input feature pairs, whatever the number of rows; the block is still
+//! kept within cpu_bf16's `MAX_ROWS`, the bound of the previous row kernel), RMSNorm, RoPE and the embedding are per row, and on the CPU the
 //! attention of block position `i` is computed with exactly the operands of the step that would produce it
 //! (keys cut to `T + i + 1` slots; text.rs says why the softmax needs that). tests/model_drafts.rs checks
 //! the result directly — block logits rows against step logits rows, bit for bit, also after a roll-back —
@@ -457,8 +457,8 @@ pub fn generate_with_options(
             .map(|&a| (rows[a].base + rows[a].out.token_ids.len() as i64 - 1).max(0) as u32)
             .collect();
         // Draft ids per row: never more than the budget can still take after the pass's own pick. On the CPU in
-        // bf16 the linear layers of a step run cpu_bf16's row-wise kernel up to MAX_ROWS rows and candle's GEMM
-        // above; the block stays within it so its rows meet the step's arithmetic.
+        // bf16 the linear layers' per-row arithmetic is the same for any row count (gemm_bf16); the block stays
+        // within MAX_ROWS, which also holds where the previous path (REXOMNI_BF16_GEMM=candle) runs.
         let cap = if dev.is_cpu() && model.dtype() == DType::BF16 {
             (crate::model::cpu_bf16::MAX_ROWS / active.len()).saturating_sub(1)
         } else {

@@ -301,7 +301,9 @@ fn prefetch(bytes: &[u8]) {
     for line in bytes.chunks(64) {
         // SAFETY: prefetching is a hint that never faults, and the pointer is in bounds anyway.
         unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast());
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            );
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

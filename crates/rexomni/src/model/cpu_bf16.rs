@@ -1,4 +1,7 @@
-//! bf16 `x · Wᵀ` on the CPU for the few-row case (decode steps: one row per sequence of the batch).
+//! bf16 `x · Wᵀ` on the CPU for the few-row case (decode steps: one row per sequence of the batch), and the
+//! entry point of packed bf16 layers ([`packed_forward`], gemm_bf16.rs), which every bf16 CPU linear now uses.
+//! The row kernel below runs only where a bf16 weight stays unpacked (`REXOMNI_BF16_GEMM=candle`, the
+//! before/after benchmark switch) and in rexbench-gemm's comparison.
 //!
 //! Why: candle 0.11.1 has no CPU bf16 GEMM; its `matmul` widens BOTH operands to f32 on every call
 //! (cpu_backend/mod.rs, "no bf16 gemm kernel yet"). For a prefill that cost is amortised over hundreds of rows,
@@ -14,6 +17,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use candle_nn::Linear;
 use half::bf16;
 use rayon::prelude::*;
+
+use super::gemm_bf16::PackedBf16;
 
 /// Above this many rows the widening cost is amortised and candle's GEMM is faster.
 pub const MAX_ROWS: usize = 64;
@@ -48,6 +53,92 @@ pub fn linear_forward(linear: &Linear, x: &Tensor) -> Result<Tensor> {
         None => y,
     };
     y.reshape(out_dims)
+}
+
+/// `x [.., k]` times a packed bf16 weight (every bf16 linear layer on the CPU, any number of rows), plus the
+/// bias (added in f32 before the single rounding to bf16). An `x` of another dtype (never in a bf16 model)
+/// takes the unpacked weight through candle.
+pub fn packed_forward(
+    w: &PackedBf16,
+    bias: Option<&Tensor>,
+    bias_f32: Option<&Vec<f32>>,
+    x: &Tensor,
+) -> Result<Tensor> {
+    packed(w, bias, bias_f32, x, false)
+}
+
+/// [`packed_forward`] with f32 outputs, the accumulators (plus bias) unrounded: the lm_head (see
+/// [`linear_forward_f32`] for why).
+pub fn packed_forward_f32(
+    w: &PackedBf16,
+    bias: Option<&Tensor>,
+    bias_f32: Option<&Vec<f32>>,
+    x: &Tensor,
+) -> Result<Tensor> {
+    packed(w, bias, bias_f32, x, true)
+}
+
+fn packed(
+    w: &PackedBf16,
+    bias: Option<&Tensor>,
+    bias_f32: Option<&Vec<f32>>,
+    x: &Tensor,
+    f32_out: bool,
+) -> Result<Tensor> {
+    let k = x.dim(candle_core::D::Minus1)?;
+    if k != w.k() {
+        candle_core::bail!("linear: input has {k} features, the weight takes {}", w.k())
+    }
+    let rows = x.elem_count() / k.max(1);
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("x has a last dimension") = w.n();
+    if !(x.device().is_cpu() && x.dtype() == DType::BF16) {
+        let wt = Tensor::from_vec(w.unpack(), (w.n(), w.k()), x.device())?.to_dtype(x.dtype())?;
+        let y = x.reshape((rows, k))?.matmul(&wt.t()?)?;
+        let y = match bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
+            None => y,
+        };
+        let y = if f32_out { y.to_dtype(DType::F32)? } else { y };
+        return y.reshape(out_dims);
+    }
+    let x2 = x.reshape((rows, k))?.contiguous()?;
+    x2.apply_op1_no_bwd(&PackedMatmul {
+        w,
+        bias: bias_f32.map(|b| b.as_slice()),
+        f32_out,
+    })?
+    .reshape(out_dims)
+}
+
+/// The custom op behind [`packed_forward`] and [`packed_forward_f32`].
+struct PackedMatmul<'a> {
+    w: &'a PackedBf16,
+    bias: Option<&'a [f32]>,
+    /// Return the f32 accumulators instead of rounding them to bf16.
+    f32_out: bool,
+}
+
+impl candle_core::CustomOp1 for PackedMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "bf16-packed-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::BF16(x) = s else {
+            candle_core::bail!("{}: x must be bf16", self.name())
+        };
+        let (m, _) = l.shape().dims2()?;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("{}: x must be contiguous", self.name())
+        };
+        let y = if self.f32_out {
+            CpuStorage::F32(self.w.matmul_f32(&x[a..b], m, self.bias))
+        } else {
+            CpuStorage::BF16(self.w.matmul(&x[a..b], m, self.bias))
+        };
+        Ok((y, Shape::from((m, self.w.n()))))
+    }
 }
 
 /// `x · Wᵀ` with f32 outputs: the lm_head, whose logits the caller wants in f32 anyway. On the CPU with bf16
@@ -122,7 +213,9 @@ fn widen(v: bf16) -> f32 {
 }
 
 /// `x [m,k] · w [n,k]ᵀ` → `[m,n]` f32. Each weight row is read once and dotted with every (f32-widened) x row.
-fn rows_times_weight_t(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<f32> {
+/// Public for rexbench's GEMM comparison (the previous few-row path).
+#[doc(hidden)]
+pub fn rows_times_weight_t(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<f32> {
     let xf: Vec<f32> = x.iter().map(|&v| widen(v)).collect();
     let dot = dot_for_this_cpu();
     // Column-major result chunks (one per task: ROWS_PER_TASK weight rows × m), transposed at the end.

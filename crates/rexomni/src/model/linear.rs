@@ -17,7 +17,7 @@
 //! the group's scale), and to Q4_1 for `q4`, whose f16 block minimum rounds `−s·z` (see `awq::to_q4_1`).
 
 use std::borrow::Cow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -25,6 +25,7 @@ use candle_nn::VarBuilder;
 
 use super::awq::{self, AwqConfig, AwqLayer};
 use super::cpu_bf16;
+use super::gemm_bf16::PackedBf16;
 
 /// How linear weights are held in memory (`[model] weights`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -63,6 +64,15 @@ impl Weights {
 /// A loaded linear layer.
 pub enum Linear {
     Dense(candle_nn::Linear),
+    /// A bf16 weight on the CPU, packed once for the bf16 GEMM (gemm_bf16.rs); the unpacked tensor is
+    /// dropped, so the layer holds its weight once.
+    PackedBf16 {
+        w: Arc<PackedBf16>,
+        /// `[out]` in the weight dtype, as loaded.
+        bias: Option<Tensor>,
+        /// The same bias widened once, added in f32 before the output's single rounding.
+        bias_f32: Option<Arc<Vec<f32>>>,
+    },
     Quant {
         w: QMatMul,
         bias: Option<Tensor>,
@@ -76,6 +86,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(l) => cpu_bf16::linear_forward(l, x),
+            Self::PackedBf16 { w, bias, bias_f32 } => {
+                cpu_bf16::packed_forward(w, bias.as_ref(), bias_f32.as_deref(), x)
+            }
             Self::Quant { w, bias, .. } => {
                 // QMatMul takes any leading dims and returns x's dtype (bf16/f16/f32 on CPU and CUDA).
                 let y = w.forward(&x.contiguous()?)?;
@@ -83,6 +96,24 @@ impl Linear {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
                 }
+            }
+        }
+    }
+
+    /// Bytes one forward reads for the weight and bias, as held: a dense tensor's elements, the packed bf16
+    /// panels (padding included), or the quantized blocks (scales included).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let bias = |b: &Option<Tensor>| b.as_ref().map_or(0, t);
+        match self {
+            Self::Dense(l) => t(l.weight()) + l.bias().map_or(0, t),
+            Self::PackedBf16 { w, bias: b, .. } => w.packed_bytes() + bias(b),
+            Self::Quant { w, bias: b, .. } => {
+                bias(b)
+                    + match w {
+                        QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+                        QMatMul::Tensor(w) | QMatMul::TensorF16(w) => t(w),
+                    }
             }
         }
     }
@@ -102,6 +133,9 @@ impl Linear {
     pub fn weight_f32(&self) -> Result<Tensor> {
         match self {
             Self::Dense(l) => l.weight().to_dtype(DType::F32),
+            Self::PackedBf16 { w, .. } => {
+                Tensor::from_vec(w.unpack(), (w.n(), w.k()), &Device::Cpu)?.to_dtype(DType::F32)
+            }
             Self::Quant { w, .. } => match w {
                 QMatMul::QTensor(q) => q.dequantize(&q.device()),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32),
@@ -120,6 +154,9 @@ pub fn linear_forward(l: &Linear, x: &Tensor) -> Result<Tensor> {
 pub fn linear_forward_f32(l: &Linear, x: &Tensor) -> Result<Tensor> {
     match l {
         Linear::Dense(d) => cpu_bf16::linear_forward_f32(d, x),
+        Linear::PackedBf16 { w, bias, bias_f32 } => {
+            cpu_bf16::packed_forward_f32(w, bias.as_ref(), bias_f32.as_deref(), x)
+        }
         Linear::Quant { .. } => l.forward(x)?.to_dtype(DType::F32),
     }
 }
@@ -213,12 +250,12 @@ impl LinearLoader {
             Weights::Q4 if in_dim % 32 == 0 => Some(GgmlDType::Q4_0),
             Weights::Q8 | Weights::Q4 => {
                 self.record(name, "dense-fallback", "checkpoint");
-                return Ok(Linear::Dense(candle_nn::Linear::new(w, bias)));
+                return dense(w, bias);
             }
         };
         let Some(ty) = ty else {
             self.record(name, "dense", "checkpoint");
-            return Ok(Linear::Dense(candle_nn::Linear::new(w, bias)));
+            return dense(w, bias);
         };
         let device = w.device().clone();
         // ggml quantizes from f32 on the host; the blocks are then uploaded to the weight's device.
@@ -241,7 +278,7 @@ impl LinearLoader {
                 let w = Tensor::from_vec(layer.dequantize(), (out_dim, in_dim), &device)?
                     .to_dtype(vb.dtype())?;
                 self.record(&name, "dense", "awq");
-                return Ok(Linear::Dense(candle_nn::Linear::new(w, bias)));
+                return dense(w, bias);
             }
             Weights::Q8 => (awq::to_q8_0(&layer), GgmlDType::Q8_0),
             // candle's Q4_1 dot product (ggml's) takes blocks in pairs: an odd count of 32-wide blocks per
@@ -267,6 +304,31 @@ impl LinearLoader {
             source,
         ));
     }
+}
+
+/// A dense layer: packed for the bf16 GEMM when the weight is bf16 on the CPU (every bf16 CPU linear runs
+/// there), else candle's `Linear`.
+///
+/// `REXOMNI_BF16_GEMM=candle` in the environment keeps the previous path (candle's matmul, the row kernel for
+/// few rows): only so that a benchmark can measure before and after with one binary (docs/benchmarks.md).
+fn dense(w: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+    static PREVIOUS_PATH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let previous = *PREVIOUS_PATH
+        .get_or_init(|| std::env::var("REXOMNI_BF16_GEMM").is_ok_and(|v| v == "candle"));
+    if previous || !(w.device().is_cpu() && w.dtype() == DType::BF16) {
+        return Ok(Linear::Dense(candle_nn::Linear::new(w, bias)));
+    }
+    let (n, k) = w.dims2()?;
+    let packed = PackedBf16::pack(&w.flatten_all()?.to_vec1::<half::bf16>()?, n, k);
+    let bias_f32 = match &bias {
+        Some(b) => Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+        None => None,
+    };
+    Ok(Linear::PackedBf16 {
+        w: Arc::new(packed),
+        bias,
+        bias_f32,
+    })
 }
 
 fn type_name(t: GgmlDType) -> String {
@@ -305,6 +367,17 @@ mod tests {
             assert!(err < tol, "{ty:?} k={k}: relative error {err}");
         }
         // Not a multiple of 32: stays dense and is reported.
+        // Bytes as held: Q8_0 is 34 bytes per 32 weights, Q4K 144 per 256, bf16 2 per weight (+ f32 bias).
+        let w = Tensor::randn(0f32, 1.0, (64, 512), &dev)?;
+        let b = Tensor::zeros(64, DType::F32, &dev)?;
+        for (weights, per_row) in [(Weights::Q8, 512 / 32 * 34), (Weights::Q4, 512 / 256 * 144)] {
+            let q =
+                LinearLoader::new(weights, None).from_weight(w.clone(), Some(b.clone()), "q")?;
+            assert_eq!(q.weight_bytes(), 64 * per_row + 64 * 4, "{weights:?}");
+        }
+        let d = LinearLoader::dense().from_weight(w.to_dtype(DType::BF16)?, None, "d")?;
+        assert!(matches!(d, Linear::PackedBf16 { .. }));
+        assert_eq!(d.weight_bytes(), 64 * 512 * 2);
         let lin = LinearLoader::new(Weights::Q8, None);
         let l = lin.from_weight(Tensor::zeros((8, 80), DType::F32, &dev)?, None, "odd")?;
         assert_eq!(l.quant_type(), None);

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod awq;
 pub mod config;
 pub mod cpu_bf16;
+pub mod gemm_bf16;
 pub mod linear;
 pub mod loading;
 pub mod numerics;
@@ -108,6 +109,11 @@ impl Qwen25Vl {
     }
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Decoder weight bytes one decode step reads, as the layers hold them (see `TextModel::step_weight_bytes`).
+    pub fn decoder_step_weight_bytes(&self) -> usize {
+        self.text.step_weight_bytes()
     }
 
     /// Vision tower: `[gh·gw, 1176]` → `[gh·gw/4, hidden]` in the model dtype.

@@ -241,6 +241,26 @@ impl TextModel {
         &self.cfg
     }
 
+    /// Weight bytes one decode step reads: every linear layer as held (bf16, packed or quantized blocks), the
+    /// norms, and the lm_head; the embedding table only through its few looked-up rows (not counted).
+    pub fn step_weight_bytes(&self) -> usize {
+        let norm = |n: &RmsNorm| n.weight().elem_count() * n.weight().dtype().size_in_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.attn;
+                [&a.q, &a.k, &a.v, &a.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|x| x.weight_bytes())
+                    .sum::<usize>()
+                    + norm(&l.input_norm)
+                    + norm(&l.post_norm)
+            })
+            .sum();
+        layers + norm(&self.norm) + self.lm_head.weight_bytes()
+    }
+
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         self.embed.forward(ids)
     }

@@ -1,0 +1,175 @@
+//! bf16 `y = x · Wᵀ` on the CPU at the real model's layer shapes: candle's path, the previous few-row
+//! kernel, the `gemmkit` crate and rexomni's packed GEMM (gemm_bf16.rs), in one process so the ratios share
+//! the machine's state.
+//!
+//! In: nothing (random bf16 operands; `--quick` for fewer shapes). Out: one table on stdout, ms per call (the
+//! fastest of the repeats: the machine is shared, and the minimum is the least disturbed) and GFLOP/s
+//! (2·m·k·n). Runs on the main thread and the rayon pool (`RAYON_NUM_THREADS`).
+//!
+//! Candidates, each given the weight the way it would hold it across calls:
+//! - `candle`: `x.matmul(&w.t())`, what `candle_nn::Linear` does (widens both operands to f32 per call);
+//! - `rows` (m ≤ 64): cpu_bf16's row kernel, the previous decode path (weight widened in registers);
+//! - `gemmkit`: `gemm_packed_a` with the weight prepacked once as the left operand (`yᵀ = W · xᵀ`, so the
+//!   result is transposed back, timed), and `gemmkit-plain` (`gemm`, packing the weight each call);
+//! - `ours`: `PackedBf16::matmul` at the best level of this CPU, and at AVX2+FMA for comparison.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use gemmkit::{MatMut, MatRef, Parallelism};
+use half::bf16;
+use rexomni::model::cpu_bf16;
+use rexomni::model::gemm_bf16::{Level, PackedBf16};
+
+fn values(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 0.2 - 0.1)
+        })
+        .collect()
+}
+
+/// Fastest of at least 3 calls and at least `budget` in total (after one warm-up call).
+fn best(budget: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let (start, mut best, mut n) = (Instant::now(), f64::INFINITY, 0);
+    while n < 3 || start.elapsed() < budget {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+        n += 1;
+    }
+    best * 1e3
+}
+
+fn max_rel_diff(a: &[bf16], b: &[bf16]) -> f32 {
+    let scale = b
+        .iter()
+        .fold(0f32, |m, v| m.max(v.to_f32().abs()))
+        .max(1e-30);
+    a.iter()
+        .zip(b)
+        .fold(0f32, |m, (x, y)| m.max((x.to_f32() - y.to_f32()).abs()))
+        / scale
+}
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    // (what, m, k, n) at the real 3B config; vision rows for a 640×480 frame (1564 patches, 391 merged).
+    let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
+        ("decode gate/up", 1, 2048, 11008),
+        ("decode gate/up", 4, 2048, 11008),
+        ("decode down", 1, 11008, 2048),
+        ("decode down", 4, 11008, 2048),
+        ("decode q/o", 4, 2048, 2048),
+        ("lm_head", 1, 2048, 151936),
+        ("lm_head", 4, 2048, 151936),
+        ("draft block", 64, 2048, 11008),
+        ("prefill gate/up", 512, 2048, 11008),
+        ("prefill down", 512, 11008, 2048),
+        ("vision qkv", 1564, 1280, 3840),
+        ("vision mlp up", 1564, 1280, 3420),
+        ("vision mlp down", 1564, 3420, 1280),
+        ("merger", 391, 5120, 5120),
+    ];
+    if quick {
+        shapes.retain(|s| [1, 4, 512].contains(&s.1) && s.0 != "lm_head");
+    }
+    let budget = Duration::from_millis(if quick { 300 } else { 1000 });
+    let levels = Level::available();
+    println!(
+        "# bf16 x·Wᵀ, {} rayon threads, levels on this CPU: {:?}; best-of-repeats ms (GFLOP/s)",
+        rayon::current_num_threads(),
+        levels.iter().map(|l| l.name()).collect::<Vec<_>>()
+    );
+    println!(
+        "| layer | m | k | n | candle | rows (m≤64) | gemmkit packed | gemmkit plain | ours {} | ours avx2+fma | ours vs best other | max rel diff ours/gemmkit vs candle |",
+        Level::best().name()
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (what, m, k, n) in shapes {
+        let flop = 2.0 * (m * k * n) as f64;
+        let cell = |ms: f64| format!("{ms:.2} ({:.0})", flop / ms / 1e6);
+        let (x, w) = (values(m * k, 1), values(n * k, 2));
+
+        let dev = Device::Cpu;
+        let xt = Tensor::from_slice(&x, (m, k), &dev)?;
+        let wt = Tensor::from_slice(&w, (n, k), &dev)?;
+        let candle_y: Vec<bf16> = xt.matmul(&wt.t()?)?.flatten_all()?.to_vec1()?;
+        let t_candle = best(budget, || {
+            let y = xt.matmul(&wt.t().unwrap()).unwrap();
+            std::hint::black_box(y);
+        });
+
+        let t_rows = (m <= cpu_bf16::MAX_ROWS).then(|| {
+            best(budget, || {
+                std::hint::black_box(cpu_bf16::rows_times_weight_t(&x, &w, m, k, n));
+            })
+        });
+
+        // gemmkit: yᵀ [n, m] = W [n, k] · xᵀ [k, m] with W prepacked; then transpose into y [m, n].
+        let packed_a = gemmkit::prepack_lhs(MatRef::from_row_major(&w, n, k));
+        let mut yt = vec![bf16::ZERO; n * m];
+        let mut gk_y = vec![bf16::ZERO; m * n];
+        let gemmkit_packed = |yt: &mut Vec<bf16>, y: &mut Vec<bf16>| {
+            gemmkit::gemm_packed_a(
+                bf16::ONE,
+                &packed_a,
+                MatRef::new(&x, k, m, 1, k as isize),
+                bf16::ZERO,
+                MatMut::from_row_major(yt, n, m),
+                Parallelism::Rayon(0),
+            );
+            for j in 0..n {
+                for i in 0..m {
+                    y[i * n + j] = yt[j * m + i];
+                }
+            }
+        };
+        gemmkit_packed(&mut yt, &mut gk_y);
+        let t_gk = best(budget, || gemmkit_packed(&mut yt, &mut gk_y));
+        let t_gk_plain = best(budget, || {
+            gemmkit::gemm(
+                bf16::ONE,
+                MatRef::from_row_major(&x, m, k),
+                MatRef::new(&w, k, n, 1, k as isize),
+                bf16::ZERO,
+                MatMut::from_row_major(&mut gk_y, m, n),
+                Parallelism::Rayon(0),
+            );
+        });
+
+        let ours = PackedBf16::pack(&w, n, k);
+        let ours_y = ours.matmul(&x, m, None);
+        let t_ours = best(budget, || {
+            std::hint::black_box(ours.matmul(&x, m, None));
+        });
+        let t_avx2 = levels.contains(&Level::Avx2Fma).then(|| {
+            best(budget, || {
+                std::hint::black_box(ours.matmul_on(Level::Avx2Fma, &x, m, None));
+            })
+        });
+
+        let other = [Some(t_candle), t_rows, Some(t_gk), Some(t_gk_plain)]
+            .into_iter()
+            .flatten()
+            .fold(f64::INFINITY, f64::min);
+        println!(
+            "| {what} | {m} | {k} | {n} | {} | {} | {} | {} | {} | {} | {:.2}× | {:.1e} / {:.1e} |",
+            cell(t_candle),
+            t_rows.map_or("-".into(), cell),
+            cell(t_gk),
+            cell(t_gk_plain),
+            cell(t_ours),
+            t_avx2.map_or("-".into(), cell),
+            other / t_ours,
+            max_rel_diff(&ours_y, &candle_y),
+            max_rel_diff(&gk_y, &candle_y),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,554 @@
+//! bf16 GEMM on the CPU: `y = x · Wᵀ (+ b)` with the weight packed once at load time.
+//!
+//! In: a linear layer's weight `W [n, k]` bf16 (packed by [`PackedBf16::pack`] when the layer loads), then per
+//! call `x [m, k]` bf16 and an optional bias `[n]`. Out: `y [m, n]` bf16, accumulated in f32 and rounded once
+//! (the bias is added in f32 before that rounding). Runs on the caller's thread and candle's rayon pool.
+//!
+//! Why our own kernel: candle 0.11.1 has no CPU bf16 GEMM (it widens both operands to f32 on every call), and
+//! this CPU class has AVX-512 BF16, whose `vdpbf16ps` multiplies 32 bf16 pairs and adds them into 16 f32 lanes
+//! in one instruction. The weight is stored the way that instruction wants it: panels of [`NR`] output
+//! columns, and inside a panel, for each pair of input features `(2p, 2p+1)`, the [`NR`] columns' two values
+//! side by side (one `u32` per column). A register-blocked micro-kernel then keeps `R ≤ MR` rows × 32
+//! columns of f32 accumulators in zmm registers and, per feature pair, loads two weight vectors and
+//! broadcasts one `u32` of `x` per row. docs/benchmarks.md compares this against the `gemmkit` crate.
+//!
+//! The instruction set is chosen at run time ([`Level::best`]): AVX-512 BF16, else AVX2+FMA (the same
+//! packed layout, each bf16 widened to f32 by a shift), else portable scalar code. Whatever the level, every
+//! output is one sequential chain over the feature pairs in order — independent of `m`, of the row block it
+//! falls in and of the thread that computes it — so a row's result does not depend on the other rows of the
+//! call (engine.rs's draft blocks rely on that; tested below).
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Output columns per packed panel (two zmm registers of 16 f32 lanes).
+pub const NR: usize = 32;
+/// Most rows per micro-kernel call: 12 × 2 accumulators + 2 weight vectors fit AVX-512's 32 registers.
+pub const MR: usize = 12;
+/// Feature pairs per K block: one panel slice (`KC · NR · 4` = 32 KiB) stays in L1 while the rows pass.
+const KC: usize = 256;
+/// Rows per task: an `MC × KC` slice of packed `x` (96 KiB) stays in L2.
+const MC: usize = 8 * MR;
+/// Most columns per task; fewer when that leaves too few tasks for the pool.
+const NC_MAX: usize = 8 * NR;
+
+/// The instruction set a call runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// `vdpbf16ps` (AVX-512F + AVX-512 BF16).
+    Avx512Bf16,
+    /// bf16 widened to f32 by a shift, 256-bit FMA.
+    Avx2Fma,
+    /// Portable Rust.
+    Scalar,
+}
+
+impl Level {
+    /// The fastest level this CPU runs, detected once.
+    pub fn best() -> Level {
+        static BEST: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let all = Level::available();
+            all[0]
+        })
+    }
+
+    /// Every level this CPU runs, fastest first (tests run each).
+    pub fn available() -> Vec<Level> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bf16")
+            {
+                v.push(Level::Avx512Bf16);
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                v.push(Level::Avx2Fma);
+            }
+        }
+        v.push(Level::Scalar);
+        v
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Avx512Bf16 => "avx512bf16",
+            Level::Avx2Fma => "avx2+fma",
+            Level::Scalar => "scalar",
+        }
+    }
+}
+
+/// A `[n, k]` weight in the pair-interleaved panel layout (see the module header).
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    /// Feature pairs, `ceil(k / 2)`; an odd `k` pads the last pair with a zero.
+    kp: usize,
+    /// `ceil(n / NR)` panels of `kp × NR` words; columns past `n` are zero.
+    data: Vec<u32>,
+}
+
+/// `bits` of two bf16 values as one little-endian word: `lo` in the low half, which `vdpbf16ps` pairs with the
+/// low half of the other operand.
+fn pair(lo: bf16, hi: bf16) -> u32 {
+    lo.to_bits() as u32 | ((hi.to_bits() as u32) << 16)
+}
+
+fn lo_f32(w: u32) -> f32 {
+    f32::from_bits(w << 16)
+}
+
+fn hi_f32(w: u32) -> f32 {
+    f32::from_bits(w & 0xffff_0000)
+}
+
+impl PackedBf16 {
+    /// Packs a row-major `[n, k]` weight (a `Linear` weight: one row per output feature).
+    pub fn pack(w: &[bf16], n: usize, k: usize) -> Self {
+        assert_eq!(
+            w.len(),
+            n * k,
+            "weight is {} values, not [{n}, {k}]",
+            w.len()
+        );
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * kp * NR];
+        data.par_chunks_mut(kp * NR)
+            .enumerate()
+            .for_each(|(panel, out)| {
+                for c in 0..NR.min(n - panel * NR) {
+                    let row = &w[(panel * NR + c) * k..(panel * NR + c + 1) * k];
+                    for p in 0..kp {
+                        let hi = row.get(2 * p + 1).copied().unwrap_or(bf16::ZERO);
+                        out[p * NR + c] = pair(row[2 * p], hi);
+                    }
+                }
+            });
+        Self { n, k, kp, data }
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes of the packed panels (what one call reads of the weight).
+    pub fn packed_bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// The weight back in row-major `[n, k]` (exact: packing only moves values).
+    pub fn unpack(&self) -> Vec<bf16> {
+        let mut w = vec![bf16::ZERO; self.n * self.k];
+        for (j, row) in w.chunks_mut(self.k.max(1)).enumerate().take(self.n) {
+            let (panel, c) = (j / NR, j % NR);
+            for (i, v) in row.iter_mut().enumerate() {
+                let word = self.data[panel * self.kp * NR + (i / 2) * NR + c];
+                *v = bf16::from_bits(if i % 2 == 0 {
+                    word as u16
+                } else {
+                    (word >> 16) as u16
+                });
+            }
+        }
+        w
+    }
+
+    /// `x [m, k] · Wᵀ (+ bias)` → `[m, n]` on the best level of this CPU.
+    pub fn matmul(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<bf16> {
+        self.matmul_on(Level::best(), x, m, bias)
+    }
+
+    /// [`Self::matmul`] on a given level (tests and the micro-benchmark force each one).
+    pub fn matmul_on(&self, level: Level, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<bf16> {
+        self.matmul_into(level, x, m, bias)
+    }
+
+    /// [`Self::matmul`] without the final rounding: the f32 sums plus bias (the lm_head's logits).
+    pub fn matmul_f32(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        self.matmul_into(Level::best(), x, m, bias)
+    }
+
+    /// The f32 sums before the final rounding (tests compare them bit for bit).
+    #[cfg(test)]
+    fn matmul_f32_on(&self, level: Level, x: &[bf16], m: usize) -> Vec<f32> {
+        self.matmul_into(level, x, m, None)
+    }
+
+    fn matmul_into<T: Out>(
+        &self,
+        level: Level,
+        x: &[bf16],
+        m: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<T> {
+        let (n, k, kp) = (self.n, self.k, self.kp);
+        assert_eq!(x.len(), m * k, "x is {} values, not [{m}, {k}]", x.len());
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "bias is {} values, not {n}", b.len());
+        }
+        assert!(
+            level == Level::Scalar || Level::available().contains(&level),
+            "{level:?} is not supported on this CPU"
+        );
+        let mut out = vec![T::from_f32(0.0); m * n];
+        if m == 0 || n == 0 {
+            return out;
+        }
+        let a = pack_rows(x, m, k, kp);
+        // Enough column blocks that every thread gets several tasks even for one row block (decode).
+        let row_blocks = m.div_ceil(MC);
+        let want = rayon::current_num_threads() * 4;
+        let col_tasks = want.div_ceil(row_blocks).max(1);
+        let nc = (n.div_ceil(col_tasks))
+            .next_multiple_of(NR)
+            .clamp(NR, NC_MAX);
+        let col_blocks = n.div_ceil(nc);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
+            let (ib, jb) = (t / col_blocks, t % col_blocks);
+            let (i0, j0) = (ib * MC, jb * nc);
+            let (rows, cols) = (MC.min(m - i0), nc.min(n - j0));
+            let panels = cols.div_ceil(NR);
+            let ldc = panels * NR;
+            let mut c = vec![0f32; rows * ldc];
+            for p0 in (0..kp).step_by(KC) {
+                let kc = KC.min(kp - p0);
+                for pj in 0..panels {
+                    let b = &self.data[((j0 / NR + pj) * kp + p0) * NR..][..kc * NR];
+                    for r0 in (0..rows).step_by(MR) {
+                        let rb = MR.min(rows - r0);
+                        // Rows `i0 + r0 ..` sit in their MR block of `a` (MC is a multiple of MR).
+                        let ablk = &a[(i0 + r0) * kp + p0 * rb..][..kc * rb];
+                        let cblk = &mut c[r0 * ldc + pj * NR..];
+                        micro(level, rb, ablk, b, kc, cblk, ldc);
+                    }
+                }
+            }
+            for r in 0..rows {
+                // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`, which holds
+                // m·n values and outlives the tasks.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add((i0 + r) * n + j0), cols)
+                };
+                let src = &c[r * ldc..][..cols];
+                match bias {
+                    Some(b) => {
+                        for ((d, &s), &bb) in dst.iter_mut().zip(src).zip(&b[j0..j0 + cols]) {
+                            *d = T::from_f32(s + bb);
+                        }
+                    }
+                    None => {
+                        for (d, &s) in dst.iter_mut().zip(src) {
+                            *d = T::from_f32(s);
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+/// The output element: bf16 for the model, f32 (the sums unrounded) for the lm_head and tests.
+trait Out: Copy + Send + Sync {
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Out for bf16 {
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Out for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+/// A raw pointer the tasks of one call share; each writes its own disjoint block.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: only used for disjoint writes within one `matmul_on` call, which outlives its tasks.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// `x [m, k]` as blocks of MR rows, each `[kp][rows]` words (a feature pair of every row of the block side by
+/// side), so the micro-kernel reads `x` sequentially; the block of rows `r0..` starts at word `r0 · kp`.
+fn pack_rows(x: &[bf16], m: usize, k: usize, kp: usize) -> Vec<u32> {
+    let mut a = vec![0u32; m * kp];
+    a.par_chunks_mut(MR * kp)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            let r0 = blk * MR;
+            let rb = MR.min(m - r0);
+            for r in 0..rb {
+                let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
+                for p in 0..kp {
+                    let hi = row.get(2 * p + 1).copied().unwrap_or(bf16::ZERO);
+                    out[p * rb + r] = pair(row[2 * p], hi);
+                }
+            }
+        });
+    a
+}
+
+/// `c[r][0..NR] += Σ_p a[p][r] · b[p][0..NR]` for `r < rows`: one micro-tile on `level`.
+fn micro(level: Level, rows: usize, a: &[u32], b: &[u32], kc: usize, c: &mut [f32], ldc: usize) {
+    debug_assert!(rows >= 1 && rows <= MR);
+    debug_assert!(a.len() >= kc * rows && b.len() >= kc * NR);
+    debug_assert!(c.len() >= (rows - 1) * ldc + NR);
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Bf16 => {
+            macro_rules! go {
+                ($($r:literal)*) => {
+                    match rows {
+                        // SAFETY: `matmul_on` checked the CPU has the level; slices are long enough (asserted).
+                        $($r => unsafe { x86::tile_avx512bf16::<$r>(a.as_ptr(), b.as_ptr(), kc, c.as_mut_ptr(), ldc) },)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            go!(1 2 3 4 5 6 7 8 9 10 11 12)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2Fma => {
+            // 4 rows × 16 columns of accumulators at a time (8 of AVX2's 16 registers).
+            for r0 in (0..rows).step_by(4) {
+                let rb = 4.min(rows - r0);
+                for half in 0..2 {
+                    // SAFETY: as above.
+                    unsafe {
+                        let (ap, bp) = (a.as_ptr().add(r0), b.as_ptr().add(half * 16));
+                        let cp = c.as_mut_ptr().add(r0 * ldc + half * 16);
+                        match rb {
+                            1 => x86::tile_avx2::<1>(ap, rows, bp, kc, cp, ldc),
+                            2 => x86::tile_avx2::<2>(ap, rows, bp, kc, cp, ldc),
+                            3 => x86::tile_avx2::<3>(ap, rows, bp, kc, cp, ldc),
+                            _ => x86::tile_avx2::<4>(ap, rows, bp, kc, cp, ldc),
+                        }
+                    }
+                }
+            }
+        }
+        _ => tile_scalar(rows, a, b, kc, c, ldc),
+    }
+}
+
+/// Portable micro-tile: per output, the pair's low product then its high product, in pair order.
+fn tile_scalar(rows: usize, a: &[u32], b: &[u32], kc: usize, c: &mut [f32], ldc: usize) {
+    for r in 0..rows {
+        let mut acc = [0f32; NR];
+        acc.copy_from_slice(&c[r * ldc..r * ldc + NR]);
+        for p in 0..kc {
+            let w = a[p * rows + r];
+            let (lo, hi) = (lo_f32(w), hi_f32(w));
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let bw = b[p * NR + j];
+                *acc = hi.mul_add(hi_f32(bw), lo.mul_add(lo_f32(bw), *acc));
+            }
+        }
+        c[r * ldc..r * ldc + NR].copy_from_slice(&acc);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::NR;
+    use std::arch::x86_64::*;
+
+    /// `R` rows × 32 columns with `vdpbf16ps`: per feature pair, two weight loads, `R` broadcasts, `2R` dots.
+    ///
+    /// SAFETY: AVX-512F and AVX-512 BF16 present; `a` holds `kc · R` words, `b` `kc · NR`, `c` rows of `NR`
+    /// floats at stride `ldc`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn tile_avx512bf16<const R: usize>(
+        a: *const u32,
+        b: *const u32,
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            lo[r] = _mm512_loadu_ps(c.add(r * ldc));
+            hi[r] = _mm512_loadu_ps(c.add(r * ldc + 16));
+        }
+        for p in 0..kc {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
+            for r in 0..R {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(p * R + r) as i32));
+                lo[r] = _mm512_dpbf16_ps(lo[r], x, b0);
+                hi[r] = _mm512_dpbf16_ps(hi[r], x, b1);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(c.add(r * ldc), lo[r]);
+            _mm512_storeu_ps(c.add(r * ldc + 16), hi[r]);
+        }
+    }
+
+    /// `R ≤ 4` rows × 16 columns in f32 FMA: each weight word widened by a shift (low bf16) and a mask (high).
+    ///
+    /// SAFETY: AVX2 and FMA present; `a` is the block's first row with `stride` words per pair (`kc` pairs),
+    /// `b` a panel slice offset to its 16 columns, `c` rows of 16 floats at stride `ldc`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_avx2<const R: usize>(
+        a: *const u32,
+        stride: usize,
+        b: *const u32,
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for r in 0..R {
+            acc[r][0] = _mm256_loadu_ps(c.add(r * ldc));
+            acc[r][1] = _mm256_loadu_ps(c.add(r * ldc + 8));
+        }
+        let mask = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        for p in 0..kc {
+            let w0 = _mm256_loadu_si256(b.add(p * NR).cast());
+            let w1 = _mm256_loadu_si256(b.add(p * NR + 8).cast());
+            let (lo0, hi0) = (
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w0)),
+                _mm256_castsi256_ps(_mm256_and_si256(w0, mask)),
+            );
+            let (lo1, hi1) = (
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w1)),
+                _mm256_castsi256_ps(_mm256_and_si256(w1, mask)),
+            );
+            for r in 0..R {
+                let w = *a.add(p * stride + r);
+                let xl = _mm256_set1_ps(f32::from_bits(w << 16));
+                let xh = _mm256_set1_ps(f32::from_bits(w & 0xffff_0000));
+                acc[r][0] = _mm256_fmadd_ps(xh, hi0, _mm256_fmadd_ps(xl, lo0, acc[r][0]));
+                acc[r][1] = _mm256_fmadd_ps(xh, hi1, _mm256_fmadd_ps(xl, lo1, acc[r][1]));
+            }
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(c.add(r * ldc), acc[r][0]);
+            _mm256_storeu_ps(c.add(r * ldc + 8), acc[r][1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) without a random-number crate.
+    fn values(n: usize, seed: u64) -> Vec<bf16> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+            })
+            .collect()
+    }
+
+    /// Every level against an f64 reference on shapes that are not multiples of any block (odd k, m past MR
+    /// and MC, n past NR and a task's columns), with and without bias. The bound: one bf16 rounding of the
+    /// result (2⁻⁸ relative) plus f32 accumulation error, scaled by Σ|x·w| so cancellation cannot hide it.
+    #[test]
+    fn every_level_matches_an_f64_reference_on_odd_shapes() {
+        let shapes = [
+            (1, 1, 1),
+            (1, 37, 5),
+            (3, 128, 130),
+            (13, 257, 33),
+            (97, 515, 70),
+            (25, 1001, 257),
+        ];
+        for level in Level::available() {
+            for &(m, k, n) in &shapes {
+                let (x, w) = (values(m * k, 1 + m as u64), values(n * k, 2 + k as u64));
+                let bias: Vec<f32> = values(n, 3).iter().map(|v| v.to_f32()).collect();
+                let packed = PackedBf16::pack(&w, n, k);
+                assert_eq!(packed.unpack(), w, "unpack m={m} k={k} n={n}");
+                for b in [None, Some(bias.as_slice())] {
+                    let y = packed.matmul_on(level, &x, m, b);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut want, mut mag) = (b.map_or(0.0, |b| b[j] as f64), 0f64);
+                            for t in 0..k {
+                                let p = x[i * k + t].to_f64() * w[j * k + t].to_f64();
+                                want += p;
+                                mag += p.abs();
+                            }
+                            let got = y[i * n + j].to_f64();
+                            let tol = want.abs() * 2f64.powi(-8) + mag * 1e-6 + 1e-30;
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "{level:?} m={m} k={k} n={n} [{i},{j}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row's result is bit-identical whatever the number of rows around it (the draft-block contract in
+    /// engine.rs): the f32 sums (before rounding, which would hide most differences) of rows of a 40-row call
+    /// against the same rows alone and in a 5-row call, on every level.
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_other_rows() {
+        let (m, k, n) = (40, 777, 100);
+        let (x, w) = (values(m * k, 7), values(n * k, 8));
+        let packed = PackedBf16::pack(&w, n, k);
+        for level in Level::available() {
+            let all = packed.matmul_f32_on(level, &x, m);
+            let five = packed.matmul_f32_on(level, &x[35 * k..], 5);
+            assert_eq!(&all[35 * n..], &five[..], "{level:?} rows 35..40");
+            for i in [0, 11, 12, 39] {
+                let one = packed.matmul_f32_on(level, &x[i * k..(i + 1) * k], 1);
+                assert_eq!(
+                    all[i * n..(i + 1) * n]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{level:?} row {i}"
+                );
+            }
+        }
+    }
+
+    /// Levels agree with each other closely (they differ only in how a pair's two products are rounded).
+    #[test]
+    fn levels_agree() {
+        let (m, k, n) = (5, 300, 64);
+        let (x, w) = (values(m * k, 11), values(n * k, 12));
+        let packed = PackedBf16::pack(&w, n, k);
+        let want = packed.matmul_on(Level::Scalar, &x, m, None);
+        for level in Level::available() {
+            let got = packed.matmul_on(level, &x, m, None);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g.to_f32() - w.to_f32()).abs() <= w.to_f32().abs() * 2f32.powi(-7) + 1e-3);
+            }
+        }
+    }
+}
