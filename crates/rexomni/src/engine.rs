@@ -45,9 +45,11 @@
 //! the same phrase or exceeds `max_objects` shapes; its answer is cut before the offending shape. `None`
 //! turns it off (plain greedy, for parity checks).
 
+mod continuous;
 mod drafts;
 mod guard;
 
+pub use continuous::{ContinuousSession, Finished, Ticket};
 pub use drafts::Draft;
 pub use guard::{Guard, StopReason};
 
@@ -206,6 +208,17 @@ impl RexOmni {
         budgets: &[usize],
     ) -> Result<Vec<GenerateOutput>, ModelError> {
         generate_with_budgets(&self.model, requests, params, budgets)
+    }
+
+    /// A continuous-batching session over this engine's model (`continuous.rs`); pass [`RexOmni::model`] to
+    /// its `admit` and `step`.
+    pub fn continuous(
+        &self,
+        max_batch: usize,
+        params: GenerateParams,
+        max_objects: Option<usize>,
+    ) -> Result<ContinuousSession, ModelError> {
+        ContinuousSession::new(&self.model, max_batch, params, max_objects)
     }
 
     /// As [`RexOmni::generate_with_budgets`] with drafts and the runaway guard (see [`DecodeOptions`]).
