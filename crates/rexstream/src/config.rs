@@ -391,13 +391,15 @@ mod tests {
         assert_eq!(p.model.source, DEFAULT_MODEL);
         assert_eq!(p.model.max_batch.get(), 4);
         assert!(p.model.drafts);
+        assert!(p.model.continuous_batching);
         assert_eq!(p.model.max_objects, 100);
         let off = check(
-            "[model]\ndrafts = false\nmax_objects = 0\n[[streams]]\nname = \"door\"\nuri = \"rtsp://cam/1\"\ncategories = [\"person\"]\n",
+            "[model]\ndrafts = false\nmax_objects = 0\ncontinuous_batching = false\n[[streams]]\nname = \"door\"\nuri = \"rtsp://cam/1\"\ncategories = [\"person\"]\n",
             &[],
         )
         .unwrap();
         assert!(!off.model.drafts);
+        assert!(!off.model.continuous_batching);
         assert_eq!(off.model.max_objects, 0);
         assert_eq!(
             p.streams[0].min_interval,
