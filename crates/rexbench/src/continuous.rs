@@ -37,6 +37,9 @@ pub struct ContinuousRow {
     /// Frames served per stream.
     pub frames_per_stream: Vec<usize>,
     pub wall_s: f64,
+    /// CPU seconds of the whole process (all threads) during the mode: on a shared machine wall time depends on
+    /// the other jobs, CPU time much less.
+    pub cpu_s: Option<f64>,
     pub frames_per_s: f64,
     pub decode_forward_passes: usize,
     pub passes_per_frame: f64,
@@ -89,6 +92,7 @@ pub fn run(
     let rounds = frames.div_ceil(streams).max(1);
     let batch: Vec<GenerateRequest> = (0..streams).map(clone).collect();
     let t = Instant::now();
+    let c0 = cpu_seconds();
     let mut reference: Vec<Vec<u32>> = Vec::new();
     let (mut passes, mut tokens, mut identical) = (0, 0, true);
     for _ in 0..rounds {
@@ -105,6 +109,7 @@ pub fn run(
         identical &= out.iter().zip(&reference).all(|(o, r)| &o.token_ids == r);
     }
     let wall = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().zip(c0).map(|(b, a)| b - a);
     let n = rounds * streams;
     let mut rows = vec![ContinuousRow {
         mode: "static",
@@ -113,6 +118,7 @@ pub fn run(
         frames: n,
         frames_per_stream: vec![rounds; streams],
         wall_s: wall,
+        cpu_s: cpu,
         frames_per_s: n as f64 / wall,
         decode_forward_passes: passes,
         passes_per_frame: passes as f64 / n as f64,
@@ -123,6 +129,7 @@ pub fn run(
     // Continuous: a stream's next frame joins as soon as its previous row is done.
     let total = n;
     let t = Instant::now();
+    let c0 = cpu_seconds();
     let mut session = ContinuousSession::new(model, streams, params.clone(), None)?;
     let mut owner = std::collections::HashMap::new();
     let mut served = vec![0usize; streams];
@@ -150,6 +157,7 @@ pub fn run(
         }
     }
     let wall = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().zip(c0).map(|(b, a)| b - a);
     rows.push(ContinuousRow {
         mode: "continuous",
         streams,
@@ -157,6 +165,7 @@ pub fn run(
         frames: total,
         frames_per_stream: served,
         wall_s: wall,
+        cpu_s: cpu,
         frames_per_s: total as f64 / wall,
         decode_forward_passes: session.forward_passes(),
         passes_per_frame: session.forward_passes() as f64 / total as f64,
@@ -166,17 +175,33 @@ pub fn run(
     Ok(rows)
 }
 
+/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`; `None` elsewhere).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the `(comm)`: state is field 3, utime 14 and stime 15 (1-based), in clock ticks.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ: 100 on every Linux this runs on.
+    Some(ticks / 100.0)
+}
+
 pub fn table(rows: &[ContinuousRow]) -> String {
     let base = rows
         .iter()
         .find(|r| r.mode == "static")
         .map(|r| r.frames_per_s);
+    let cpu_per_frame = |r: &ContinuousRow| r.cpu_s.map(|c| c / r.frames as f64);
+    let base_cpu = rows
+        .iter()
+        .find(|r| r.mode == "static")
+        .and_then(cpu_per_frame);
     let mut s = String::from(
-        "\n| mode | streams (budgets) | frames | per stream | wall s | frames/s | vs static | decode passes | passes/frame | ids identical |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "\n| mode | streams (budgets) | frames | per stream | wall s | frames/s | vs static | CPU s/frame | vs static | decode passes | passes/frame | ids identical |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s += &format!(
-            "| {} | {} ({}) | {} | {} | {:.1} | {:.3} | {} | {} | {:.1} | {} |\n",
+            "| {} | {} ({}) | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {:.1} | {} |\n",
             r.mode,
             r.streams,
             r.budgets
@@ -193,6 +218,13 @@ pub fn table(rows: &[ContinuousRow]) -> String {
             r.wall_s,
             r.frames_per_s,
             base.map(|b| format!("{:.2}×", r.frames_per_s / b))
+                .unwrap_or_default(),
+            cpu_per_frame(r)
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_default(),
+            cpu_per_frame(r)
+                .zip(base_cpu)
+                .map(|(c, b)| format!("{:.2}×", b / c))
                 .unwrap_or_default(),
             r.decode_forward_passes,
             r.passes_per_frame,
