@@ -12,6 +12,8 @@
 //! common length and all active rows decode together, padded key slots masked with −∞ (an exact zero
 //! weight), finished rows dropped from the batch. Each row's ids are those it gets alone (tested in
 //! tests/model_generate.rs and tests/model_batching.rs).
+//! That is the static batch: it runs until its longest answer is done. [`ContinuousSession`] (`continuous.rs`)
+//! instead lets rows join and leave between steps over a preallocated per-row cache (`model::KvSlots`).
 //!
 //! Drafts (exact speculative decoding, [`DecodeOptions::drafts`]): a row may carry the ids of the stream's
 //! previous answer. Each decode pass then feeds the row's last token plus up to `draft_block` draft ids in one

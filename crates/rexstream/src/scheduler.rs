@@ -1,7 +1,8 @@
 //! The scheduler: picks which frames the detector sees next.
 //!
 //! In: the per-stream [`LatestFrameSlot`]s (filled by ingest) and credits from the worker (one per
-//! batch it is ready to run). Out: a [`Batch`] of at most `max_batch` frames on a bounded channel.
+//! batch it is ready to run, saying how many frames it can take: `max_batch`, or a continuous batch's free
+//! slots). Out: a [`Batch`] of at most `max_batch` frames on a bounded channel.
 //! Runs on its own OS thread and never touches a GStreamer thread.
 //!
 //! Demand-driven: a batch is formed only when the worker has asked for one, so the frames in it are
