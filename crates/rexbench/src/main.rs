@@ -4,13 +4,15 @@
 //! and detection frames/s for N concurrent requests with a fixed number of output tokens; prints a table and
 //! writes JSON. The model is the real 3B config with seeded random weights (no download), any config.json, or a
 //! checkpoint folder. It links no GStreamer, so the binary can be copied alone to a GPU host.
-//! `--scenarios` instead replays generated clips with each work-saving feature off and on (`scenarios`).
+//! `--scenarios` instead replays generated clips with each work-saving feature off and on (`scenarios`);
+//! `--continuous` compares static batches with continuous batching for streams of different answer lengths.
 //!
 //! The same measurements with HF transformers: `tests/reference/bench_hf.py` (docs/benchmarks.md).
 
 // serde_json::json! of a whole config.json nests deeper than the default limit.
 #![recursion_limit = "256"]
 
+mod continuous;
 mod drafts;
 mod measure;
 mod random_weights;
@@ -91,6 +93,16 @@ struct Args {
     /// With --scenarios: count model calls only, load and run no model.
     #[arg(long)]
     calls_only: bool,
+    /// Compare static batches with continuous batching (one busy stream per --continuous-budgets entry, frames
+    /// of --image-size) instead of the stage measurements.
+    #[arg(long)]
+    continuous: bool,
+    /// With --continuous: each stream's answer length in tokens (its budget; random weights never stop early).
+    #[arg(long, value_delimiter = ',', default_value = "16,32,48,64")]
+    continuous_budgets: Vec<usize>,
+    /// With --continuous: frames served per mode (rounded up to whole static batches).
+    #[arg(long, default_value_t = 16)]
+    continuous_frames: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -170,6 +182,22 @@ fn main() -> anyhow::Result<()> {
             )
         })?;
 
+    if args.continuous {
+        let rows = continuous::run(
+            &model,
+            &tokenizer,
+            (w, h),
+            &args.continuous_budgets,
+            args.continuous_frames,
+        )?;
+        print!("{}", continuous::table(&rows));
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("rexbench: wrote {}", path.display());
+        }
+        return Ok(());
+    }
     if args.scenarios {
         let rows = scenarios::run(Some((&model, &tokenizer)), &scenario_plan)?;
         return finish_scenarios(&rows, args.json.as_deref());

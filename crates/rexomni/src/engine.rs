@@ -12,6 +12,8 @@
 //! common length and all active rows decode together, padded key slots masked with −∞ (an exact zero
 //! weight), finished rows dropped from the batch. Each row's ids are those it gets alone (tested in
 //! tests/model_generate.rs and tests/model_batching.rs).
+//! That is the static batch: it runs until its longest answer is done. [`ContinuousSession`] (`continuous.rs`)
+//! instead lets rows join and leave between steps over a preallocated per-row cache (`model::KvSlots`).
 //!
 //! Drafts (exact speculative decoding, [`DecodeOptions::drafts`]): a row may carry the ids of the stream's
 //! previous answer. Each decode pass then feeds the row's last token plus up to `draft_block` draft ids in one
@@ -45,9 +47,11 @@
 //! the same phrase or exceeds `max_objects` shapes; its answer is cut before the offending shape. `None`
 //! turns it off (plain greedy, for parity checks).
 
+mod continuous;
 mod drafts;
 mod guard;
 
+pub use continuous::{ContinuousSession, Finished, Ticket};
 pub use drafts::Draft;
 pub use guard::{Guard, StopReason};
 
@@ -206,6 +210,17 @@ impl RexOmni {
         budgets: &[usize],
     ) -> Result<Vec<GenerateOutput>, ModelError> {
         generate_with_budgets(&self.model, requests, params, budgets)
+    }
+
+    /// A continuous-batching session over this engine's model (`continuous.rs`); pass [`RexOmni::model`] to
+    /// its `admit` and `step`.
+    pub fn continuous(
+        &self,
+        max_batch: usize,
+        params: GenerateParams,
+        max_objects: Option<usize>,
+    ) -> Result<ContinuousSession, ModelError> {
+        ContinuousSession::new(&self.model, max_batch, params, max_objects)
     }
 
     /// As [`RexOmni::generate_with_budgets`] with drafts and the runaway guard (see [`DecodeOptions`]).

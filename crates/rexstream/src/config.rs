@@ -89,6 +89,11 @@ pub struct ModelConfig {
     /// the same phrase (Rex-Omni#178). 0 turns the guard off.
     #[serde(default = "default_max_objects")]
     pub max_objects: usize,
+    /// Continuous batching: a frame joins the decode batch as soon as a row finishes (up to `max_batch`)
+    /// instead of waiting for the whole batch; same ids. Used where drafts are not in effect (CPU f32, or
+    /// `drafts = false`); `false` runs static batches.
+    #[serde(default = "default_continuous_batching")]
+    pub continuous_batching: bool,
 }
 
 fn default_source() -> String {
@@ -115,6 +120,9 @@ const fn default_repetition_penalty() -> f32 {
 const fn default_drafts() -> bool {
     true
 }
+const fn default_continuous_batching() -> bool {
+    true
+}
 const fn default_max_objects() -> usize {
     100
 }
@@ -130,6 +138,7 @@ impl Default for ModelConfig {
             max_new_tokens: default_max_new_tokens(),
             repetition_penalty: default_repetition_penalty(),
             drafts: default_drafts(),
+            continuous_batching: default_continuous_batching(),
             max_objects: default_max_objects(),
         }
     }
@@ -382,13 +391,15 @@ mod tests {
         assert_eq!(p.model.source, DEFAULT_MODEL);
         assert_eq!(p.model.max_batch.get(), 4);
         assert!(p.model.drafts);
+        assert!(p.model.continuous_batching);
         assert_eq!(p.model.max_objects, 100);
         let off = check(
-            "[model]\ndrafts = false\nmax_objects = 0\n[[streams]]\nname = \"door\"\nuri = \"rtsp://cam/1\"\ncategories = [\"person\"]\n",
+            "[model]\ndrafts = false\nmax_objects = 0\ncontinuous_batching = false\n[[streams]]\nname = \"door\"\nuri = \"rtsp://cam/1\"\ncategories = [\"person\"]\n",
             &[],
         )
         .unwrap();
         assert!(!off.model.drafts);
+        assert!(!off.model.continuous_batching);
         assert_eq!(off.model.max_objects, 0);
         assert_eq!(
             p.streams[0].min_interval,

@@ -168,7 +168,7 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
     let sinks = Arc::new(sinks);
 
     // The model, on its own thread; wait for it to load (or fail) before opening cameras.
-    let (credits_tx, credits_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let (credits_tx, credits_rx) = std::sync::mpsc::sync_channel::<usize>(1);
     let (batches_tx, batches_rx) = std::sync::mpsc::sync_channel(1);
     let ctx = WorkerContext {
         prompts: prompts.clone(),
@@ -183,6 +183,8 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
         },
         drafts: pipeline.model.drafts,
         max_objects: (pipeline.model.max_objects > 0).then_some(pipeline.model.max_objects),
+        max_batch: pipeline.model.max_batch.get(),
+        continuous: pipeline.model.continuous_batching,
     };
     let model_cfg = pipeline.model.clone();
     let worker = {

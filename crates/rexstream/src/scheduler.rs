@@ -1,7 +1,8 @@
 //! The scheduler: picks which frames the detector sees next.
 //!
 //! In: the per-stream [`LatestFrameSlot`]s (filled by ingest) and credits from the worker (one per
-//! batch it is ready to run). Out: a [`Batch`] of at most `max_batch` frames on a bounded channel.
+//! batch it is ready to run, saying how many frames it can take: `max_batch`, or a continuous batch's free
+//! slots). Out: a [`Batch`] of at most `max_batch` frames on a bounded channel.
 //! Runs on its own OS thread and never touches a GStreamer thread.
 //!
 //! Demand-driven: a batch is formed only when the worker has asked for one, so the frames in it are
@@ -81,12 +82,18 @@ impl Scheduler {
     /// Take up to `max_batch` frames from due streams, round-robin from the cursor. Empty when
     /// nothing is due; then `wait` says how long until a waiting frame becomes due (if any).
     pub fn pick(&mut self, now: Instant) -> (Vec<Frame>, Option<Duration>) {
+        self.pick_up_to(now, self.max_batch)
+    }
+
+    /// As [`Scheduler::pick`], at most `limit` frames (and never more than `max_batch`).
+    pub fn pick_up_to(&mut self, now: Instant, limit: usize) -> (Vec<Frame>, Option<Duration>) {
+        let limit = limit.clamp(1, self.max_batch);
         let n = self.streams.len();
         let mut frames = Vec::new();
         let mut wait: Option<Duration> = None;
         let mut last = None;
         for k in 0..n {
-            if frames.len() >= self.max_batch {
+            if frames.len() >= limit {
                 break;
             }
             let i = (self.cursor + k) % n;
@@ -125,26 +132,28 @@ impl Scheduler {
 
     /// The scheduler thread's loop. Returns when shutdown is triggered, when every stream has ended
     /// (finite files), or when the worker hangs up. Dropping `batches` tells the worker to finish.
-    pub fn run(mut self, credits: Receiver<()>, batches: SyncSender<Batch>, shutdown: Shutdown) {
+    /// Each credit says how many frames the worker can take now (a continuous batch has only its free
+    /// slots; a static one `max_batch`).
+    pub fn run(mut self, credits: Receiver<usize>, batches: SyncSender<Batch>, shutdown: Shutdown) {
         'credits: loop {
             // Wait for the worker to ask for a batch.
-            loop {
+            let want = loop {
                 if shutdown.is_triggered() || self.all_ended() {
                     break 'credits;
                 }
                 match credits.recv_timeout(POLL) {
-                    Ok(()) => break,
+                    Ok(n) => break n,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => break 'credits,
                 }
-            }
+            };
             // Form it from the newest due frames.
             loop {
                 if shutdown.is_triggered() || self.all_ended() {
                     break 'credits;
                 }
                 let seen = self.wakeup.generation();
-                let (frames, wait) = self.pick(Instant::now());
+                let (frames, wait) = self.pick_up_to(Instant::now(), want);
                 if !frames.is_empty() {
                     self.metrics.queue_depth.inc();
                     self.metrics.batch_size.observe(frames.len() as f64);
@@ -260,7 +269,7 @@ mod tests {
         let sd = Shutdown::new();
         let sd2 = sd.clone();
         let t = std::thread::spawn(move || s.run(crx, btx, sd2));
-        ctx.send(()).unwrap();
+        ctx.send(1).unwrap();
         slot.put(frame(0, 42));
         let b = brx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(b.frames[0].seq, 42);

@@ -10,6 +10,9 @@
 //! `RexOmni::generate` (vision, prefill, batched decode) → decode ids → `parse_output` in
 //! original-frame pixels (rex-omni-spec.md §5.3–5.4).
 //!
+//! With `[model] continuous_batching` (and drafts not in effect) the batch is continuous instead
+//! (`worker/continuous.rs`): frames join the decode batch between steps as rows finish.
+//!
 //! Stops when the scheduler hangs up (shutdown or every stream ended) — always after finishing the
 //! batch in flight, so no frame that reached the model is lost.
 
@@ -20,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::{DType, Device};
-use rexomni::engine::{DecodeOptions, GenerateParams, GenerateRequest, LoadOptions, RexOmni};
+use rexomni::engine::{
+    DecodeOptions, GenerateOutput, GenerateParams, GenerateRequest, LoadOptions, RexOmni,
+};
 use rexomni::protocol::{parse_ids, TaskPrompt};
 use rexprep::tensor::TensorPrep;
 use tracing::{debug, error, info, warn};
@@ -33,6 +38,8 @@ use rexstream::previous::PreviousAnswers;
 use rexstream::scheduler::Batch;
 use rexstream::sinks::prompts::PromptTable;
 use rexstream::sinks::Sinks;
+
+mod continuous;
 
 /// At most one "batch failed" log line per this interval: a broken device fails every batch.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -80,6 +87,10 @@ pub struct WorkerContext {
     pub drafts: bool,
     /// `[model] max_objects` (runaway guard); `None` = off.
     pub max_objects: Option<usize>,
+    /// `[model] max_batch`: most frames decoding together.
+    pub max_batch: usize,
+    /// `[model] continuous_batching`: frames join the decode batch between steps (`worker/continuous.rs`).
+    pub continuous: bool,
 }
 
 /// Load the model on a new thread and run batches there. Returns once the model is loaded (or
@@ -88,7 +99,7 @@ pub fn spawn(
     model: &ModelConfig,
     source: String,
     ctx: WorkerContext,
-    credits: SyncSender<()>,
+    credits: SyncSender<usize>,
     batches: Receiver<Batch>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let (device_spec, dtype_spec) = (model.device.clone(), model.dtype.clone());
@@ -151,9 +162,22 @@ struct Pending {
 }
 
 impl Worker {
-    fn run(mut self, credits: SyncSender<()>, batches: Receiver<Batch>) {
+    fn run(mut self, credits: SyncSender<usize>, batches: Receiver<Batch>) {
+        // Drafts need the static path (a session decodes plain steps); where they are in effect they win, as
+        // they save far more on still scenes.
+        let drafts_in_effect =
+            self.ctx.drafts && rexomni::engine::drafts_are_exact(self.engine.model());
+        if self.ctx.continuous && !drafts_in_effect {
+            info!(
+                message = "Continuous batching.",
+                max_batch = self.ctx.max_batch
+            );
+            continuous::run(&mut self, &credits, &batches);
+            info!(message = "Detector stopped.");
+            return;
+        }
         loop {
-            if credits.send(()).is_err() {
+            if credits.send(self.ctx.max_batch).is_err() {
                 break;
             }
             let Ok(batch) = batches.recv() else { break };
@@ -164,10 +188,55 @@ impl Worker {
     }
 
     fn run_batch(&mut self, batch: Batch) {
+        let (requests, pending) = self.prepare(batch.frames);
+        if requests.is_empty() {
+            return;
+        }
+        let options = DecodeOptions {
+            drafts: pending
+                .iter()
+                .map(|p| {
+                    self.ctx
+                        .drafts
+                        .then(|| self.previous.draft(p.frame.stream_index, &p.prompt))
+                        .flatten()
+                })
+                .collect(),
+            draft_block: 0,
+            max_objects: self.ctx.max_objects,
+            ..DecodeOptions::default()
+        };
+        let budgets = vec![self.ctx.params.max_new_tokens; requests.len()];
+        let outputs =
+            match self
+                .engine
+                .generate_with_options(&requests, &self.ctx.params, &budgets, &options)
+            {
+                Ok(o) if o.len() == requests.len() => o,
+                result => {
+                    let error = match result {
+                        Err(e) => e.to_string(),
+                        Ok(o) => format!("{} outputs for {} requests", o.len(), requests.len()),
+                    };
+                    self.failed(&pending, error);
+                    return;
+                }
+            };
+        if let Some(o) = outputs.first() {
+            self.observe_model_stages(o);
+        }
+        for (p, out) in pending.into_iter().zip(outputs) {
+            self.publish(p, out);
+        }
+    }
+
+    /// Frames → generate requests (preprocess and prompt ids) and what is kept about each until its document;
+    /// frames that cannot become model input are dropped (counted) here.
+    fn prepare(&mut self, frames: Vec<Frame>) -> (Vec<GenerateRequest>, Vec<Pending>) {
         let start = Instant::now();
-        let mut requests = Vec::with_capacity(batch.frames.len());
-        let mut pending = Vec::with_capacity(batch.frames.len());
-        for frame in batch.frames {
+        let mut requests = Vec::with_capacity(frames.len());
+        let mut pending = Vec::with_capacity(frames.len());
+        for frame in frames {
             let sm = self.ctx.streams[frame.stream_index].clone();
             let queue = start.saturating_duration_since(frame.captured_mono);
             self.ctx.metrics.observe_stage(Stage::Queue, queue);
@@ -196,110 +265,84 @@ impl Worker {
                 }
             }
         }
-        if requests.is_empty() {
-            return;
+        (requests, pending)
+    }
+
+    /// The model failed on these frames: count them dropped, log at most every [`ERROR_LOG_EVERY`].
+    fn failed(&mut self, pending: &[Pending], error: String) {
+        for p in pending {
+            self.ctx.streams[p.frame.stream_index].dropped(DropReason::DetectorError, 1);
         }
-        let options = DecodeOptions {
-            drafts: pending
-                .iter()
-                .map(|p| {
-                    self.ctx
-                        .drafts
-                        .then(|| self.previous.draft(p.frame.stream_index, &p.prompt))
-                        .flatten()
-                })
-                .collect(),
-            draft_block: 0,
-            max_objects: self.ctx.max_objects,
-            ..DecodeOptions::default()
+        let now = Instant::now();
+        if self
+            .last_error_log
+            .is_none_or(|t| now - t >= ERROR_LOG_EVERY)
+        {
+            self.last_error_log = Some(now);
+            error!(message = "Detector failed on a batch; its frames are dropped.", frames = pending.len(), %error);
+        }
+    }
+
+    fn observe_model_stages(&self, o: &GenerateOutput) {
+        self.ctx
+            .metrics
+            .observe_stage(Stage::Vision, o.timings.vision);
+        self.ctx
+            .metrics
+            .observe_stage(Stage::Prefill, o.timings.prefill);
+        self.ctx
+            .metrics
+            .observe_stage(Stage::Decode, o.timings.decode);
+    }
+
+    /// One frame's output → parsed detections → its document, published (with the frame for snapshots).
+    fn publish(&mut self, p: Pending, out: GenerateOutput) {
+        self.ctx.metrics.decode.record(&out);
+        self.previous
+            .record(p.frame.stream_index, &p.prompt, &out.token_ids);
+        let t = Instant::now();
+        let (w, h) = (p.frame.width, p.frame.height);
+        // Scores are exp(mean logprob) of each shape's coordinate tokens (protocol::shape_score).
+        let parsed = parse_ids(
+            self.engine.tokenizer(),
+            &out.token_ids,
+            Some(&out.logprobs),
+            p.prompt.task,
+            w,
+            h,
+        );
+        let parse = t.elapsed();
+        self.ctx.metrics.observe_stage(Stage::Parse, parse);
+        // The end-of-turn token is not output (event.rs `output_tokens`).
+        let output_tokens =
+            out.token_ids.len() - usize::from(out.stopped_on_eos && !out.token_ids.is_empty());
+        let doc = DetectionsDocument {
+            schema: SCHEMA_VERSION,
+            event_id: event_id(&p.frame.stream, p.frame.seq),
+            stream: p.frame.stream.to_string(),
+            seq: p.frame.seq,
+            frame: FrameInfo::new(p.frame.pts_ns, p.frame.captured_at, w, h),
+            task: p.prompt.task,
+            prompt: (*p.prompt).clone(),
+            model: self.engine.model_id().to_string(),
+            detections: parsed.detections,
+            timing: Timing {
+                queue_ms: ms(p.queue),
+                preprocess_ms: ms(p.preprocess),
+                vision_ms: ms(out.timings.vision),
+                prefill_ms: ms(out.timings.prefill),
+                decode_ms: ms(out.timings.decode),
+                parse_ms: ms(parse),
+                end_to_end_ms: ms(p.frame.captured_mono.elapsed()),
+            },
+            output_tokens,
+            truncated: parsed.truncated || !out.stopped_on_eos,
         };
-        let budgets = vec![self.ctx.params.max_new_tokens; requests.len()];
-        let outputs = match self.engine.generate_with_options(
-            &requests,
-            &self.ctx.params,
-            &budgets,
-            &options,
-        ) {
-            Ok(o) if o.len() == requests.len() => o,
-            result => {
-                for p in &pending {
-                    self.ctx.streams[p.frame.stream_index].dropped(DropReason::DetectorError, 1);
-                }
-                let now = Instant::now();
-                if self
-                    .last_error_log
-                    .is_none_or(|t| now - t >= ERROR_LOG_EVERY)
-                {
-                    self.last_error_log = Some(now);
-                    let error = match result {
-                        Err(e) => e.to_string(),
-                        Ok(o) => format!("{} outputs for {} requests", o.len(), requests.len()),
-                    };
-                    error!(message = "Detector failed on a batch; its frames are dropped.", frames = pending.len(), %error);
-                }
-                return;
-            }
-        };
-        if let Some(o) = outputs.first() {
-            self.ctx
-                .metrics
-                .observe_stage(Stage::Vision, o.timings.vision);
-            self.ctx
-                .metrics
-                .observe_stage(Stage::Prefill, o.timings.prefill);
-            self.ctx
-                .metrics
-                .observe_stage(Stage::Decode, o.timings.decode);
-        }
-        let model_id = self.engine.model_id().to_string();
-        for (p, out) in pending.into_iter().zip(outputs) {
-            self.ctx.metrics.decode.record(&out);
-            self.previous
-                .record(p.frame.stream_index, &p.prompt, &out.token_ids);
-            let t = Instant::now();
-            let (w, h) = (p.frame.width, p.frame.height);
-            // Scores are exp(mean logprob) of each shape's coordinate tokens (protocol::shape_score).
-            let parsed = parse_ids(
-                self.engine.tokenizer(),
-                &out.token_ids,
-                Some(&out.logprobs),
-                p.prompt.task,
-                w,
-                h,
-            );
-            let parse = t.elapsed();
-            self.ctx.metrics.observe_stage(Stage::Parse, parse);
-            // The end-of-turn token is not output (event.rs `output_tokens`).
-            let output_tokens =
-                out.token_ids.len() - usize::from(out.stopped_on_eos && !out.token_ids.is_empty());
-            let doc = DetectionsDocument {
-                schema: SCHEMA_VERSION,
-                event_id: event_id(&p.frame.stream, p.frame.seq),
-                stream: p.frame.stream.to_string(),
-                seq: p.frame.seq,
-                frame: FrameInfo::new(p.frame.pts_ns, p.frame.captured_at, w, h),
-                task: p.prompt.task,
-                prompt: (*p.prompt).clone(),
-                model: model_id.clone(),
-                detections: parsed.detections,
-                timing: Timing {
-                    queue_ms: ms(p.queue),
-                    preprocess_ms: ms(p.preprocess),
-                    vision_ms: ms(out.timings.vision),
-                    prefill_ms: ms(out.timings.prefill),
-                    decode_ms: ms(out.timings.decode),
-                    parse_ms: ms(parse),
-                    end_to_end_ms: ms(p.frame.captured_mono.elapsed()),
-                },
-                output_tokens,
-                truncated: parsed.truncated || !out.stopped_on_eos,
-            };
-            let sm = &self.ctx.streams[p.frame.stream_index];
-            self.ctx.metrics.record_document(sm, &doc);
-            // The frame goes along for event snapshots (moved, not copied).
-            self.ctx.sinks.publish_frame(sm, &doc, p.frame);
-            debug!(message = "Frame processed.", stream = %doc.stream, seq = doc.seq, detections = doc.detections.len(), tokens = output_tokens);
-        }
+        let sm = &self.ctx.streams[p.frame.stream_index];
+        self.ctx.metrics.record_document(sm, &doc);
+        // The frame goes along for event snapshots (moved, not copied).
+        self.ctx.sinks.publish_frame(sm, &doc, p.frame);
+        debug!(message = "Frame processed.", stream = %doc.stream, seq = doc.seq, detections = doc.detections.len(), tokens = output_tokens);
     }
 
     /// Frame + prompt → one generate request (preprocess and prompt ids).

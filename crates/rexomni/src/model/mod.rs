@@ -10,6 +10,7 @@ pub mod awq;
 pub mod config;
 pub mod cpu_bf16;
 pub mod gemm_bf16;
+pub mod kv_slots;
 pub mod linear;
 pub mod loading;
 pub mod numerics;
@@ -23,6 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use config::{Config, TextConfig, VisionConfig};
+pub use kv_slots::KvSlots;
 pub use linear::{LinearLoader, Weights};
 pub use text::KvCache;
 
@@ -308,6 +310,66 @@ impl Qwen25Vl {
         let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
         let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
         Ok(self.text.logits(&hidden)?)
+    }
+
+    /// An empty [`KvSlots`] cache for this model: `slots` rows of `capacity` columns (grown on demand).
+    pub fn new_kv_slots(&self, slots: usize, capacity: usize) -> Result<KvSlots, ModelError> {
+        let t = &self.cfg.text;
+        Ok(KvSlots::new(
+            t.num_hidden_layers,
+            slots,
+            t.num_key_value_heads,
+            t.head_dim(),
+            capacity,
+            self.dtype,
+            &self.device,
+        )?)
+    }
+
+    /// One decode step for the rows of a continuous batch: `tokens[i]` at M-RoPE position `positions[i]` for slot
+    /// `rows[i]` of `slots`, which holds that row's own length of cache (no padding; the columns past a row's
+    /// length are masked). Returns `[B, vocab]` f32; each slot in `rows` grows by one column.
+    pub fn decode_slots(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        rows: &[usize],
+        slots: &mut KvSlots,
+    ) -> Result<Tensor, ModelError> {
+        let b = tokens.len();
+        if b == 0 || positions.len() != b || rows.len() != b {
+            return Err(ModelError::Request {
+                index: 0,
+                msg: format!(
+                    "decode_slots: {b} tokens, {} positions, {} rows",
+                    positions.len(),
+                    rows.len()
+                ),
+            });
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
+        let embeds = self.text.embed(&ids)?;
+        let pos: Vec<[u32; 3]> = positions.iter().map(|&p| [p; 3]).collect();
+        let (cos, sin) = self.cos_sin(&pos)?;
+        let half = cos.dim(1)?;
+        let (cos, sin) = (cos.reshape((b, 1, half))?, sin.reshape((b, 1, half))?);
+        // Row i sees its own columns 0..=len_i (the new one included); None when no row is shorter than another,
+        // so a lone row runs exactly the operations of a plain decode step.
+        let lens: Vec<usize> = rows.iter().map(|&s| slots.len(s)).collect();
+        let t = lens.iter().copied().max().unwrap_or(0) + 1;
+        let mask = if lens.iter().all(|&l| l + 1 == t) {
+            None
+        } else {
+            let m: Vec<f32> = lens
+                .iter()
+                .flat_map(|&l| (0..t).map(move |j| if j <= l { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
+            Some(Tensor::from_vec(m, (b, 1, 1, t), &self.device)?)
+        };
+        let hidden = self
+            .text
+            .forward_slots(&embeds, &cos, &sin, mask.as_ref(), slots, rows)?;
+        Ok(self.text.logits(&hidden)?.squeeze(1)?)
     }
 
     fn cos_sin(&self, positions: &[[u32; 3]]) -> Result<(Tensor, Tensor), ModelError> {

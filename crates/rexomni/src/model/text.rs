@@ -11,6 +11,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use super::attention::{attend, MAX_SCORE_ELEMS};
 use super::config::TextConfig;
+use super::kv_slots::KvSlots;
 use super::linear::{linear_forward, linear_forward_f32, Linear, LinearLoader};
 use super::numerics::{self, RmsNorm};
 
@@ -77,6 +78,15 @@ struct Layer {
 }
 
 impl Layer {
+    /// The post-attention half of the layer, without the residual: norm, SwiGLU MLP (SiLU in f32, rounded
+    /// once: numerics.rs).
+    fn mlp(&self, h: &Tensor) -> Result<Tensor> {
+        let n = self.post_norm.forward(h)?;
+        let act =
+            (numerics::silu(&linear_forward(&self.gate, &n)?)? * linear_forward(&self.up, &n)?)?;
+        linear_forward(&self.down, &act)
+    }
+
     fn new(cfg: &TextConfig, vb: VarBuilder, lin: &LinearLoader) -> Result<Self> {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let a = vb.pp("self_attn");
@@ -203,6 +213,82 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// One decode step over preallocated [`KvSlots`] (continuous batching): row `i` of `x` (`[B, 1, H]`) is slot
+    /// `rows[i]`; its new key and value are written in place at column `lens[i]` (its own length), then it
+    /// attends to columns `0..t` (`t` = longest row + 1), `mask` `[B, 1, 1, t]` hiding each row's columns past
+    /// its own. The query heads are grouped over their kv head exactly as in a plain decode step, and when the
+    /// rows are consecutive slots the keys and values are read as strided views of the slots (no gather).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_slots(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: &(Tensor, Tensor),
+        rows: &[usize],
+        lens: &[usize],
+        t: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        if l != 1 || rows.len() != b {
+            candle_core::bail!(
+                "forward_slots: {b} rows of {l} tokens for {} slots",
+                rows.len()
+            );
+        }
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, 1, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(linear_forward(&self.q, x)?, self.heads)?;
+        let k = split(linear_forward(&self.k, x)?, self.kv_heads)?;
+        let v = split(linear_forward(&self.v, x)?, self.kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k_all, v_all) = kv;
+        for (i, (&s, &len)) in rows.iter().zip(lens).enumerate() {
+            k_all
+                .narrow(0, s, 1)?
+                .slice_set(&k.narrow(0, i, 1)?.contiguous()?, 2, len)?;
+            v_all
+                .narrow(0, s, 1)?
+                .slice_set(&v.narrow(0, i, 1)?.contiguous()?, 2, len)?;
+        }
+        let consecutive = rows.windows(2).all(|w| w[1] == w[0] + 1);
+        let (k, v) = if consecutive {
+            (
+                k_all.narrow(0, rows[0], b)?.narrow(2, 0, t)?,
+                v_all.narrow(0, rows[0], b)?.narrow(2, 0, t)?,
+            )
+        } else {
+            let gather = |all: &Tensor| -> Result<Tensor> {
+                let parts = rows
+                    .iter()
+                    .map(|&s| all.narrow(0, s, 1)?.narrow(2, 0, t))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)
+            };
+            (gather(k_all)?, gather(v_all)?)
+        };
+        let rep = self.heads / self.kv_heads;
+        let grouped = q.reshape((b, self.kv_heads, rep, self.head_dim))?;
+        let m = mask.cloned();
+        let o = attend(&grouped, &k, &v, MAX_SCORE_ELEMS, move |_, _| Ok(m.clone()))?.reshape((
+            b,
+            self.heads,
+            1,
+            self.head_dim,
+        ))?;
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, 1, self.heads * self.head_dim))?;
+        linear_forward(&self.o, &o)
+    }
+}
+
 pub struct TextModel {
     embed: Embedding,
     layers: Vec<Layer>,
@@ -284,11 +370,49 @@ impl TextModel {
                 + layer
                     .attn
                     .forward(&layer.input_norm.forward(&x)?, cos, sin, mask, c)?)?;
-            let n = layer.post_norm.forward(&h)?;
-            let act = (numerics::silu(&linear_forward(&layer.gate, &n)?)?
-                * linear_forward(&layer.up, &n)?)?;
-            x = (&h + linear_forward(&layer.down, &act)?)?;
+            x = (&h + layer.mlp(&h)?)?;
         }
+        Ok(x)
+    }
+
+    /// One decode step of `B` rows over [`KvSlots`] (continuous batching): row `i` is slot `rows[i]`, its token
+    /// written at the slot's own length; `mask` `[B, 1, 1, t]` (or `None` when every row has the same length)
+    /// hides the columns past each row's length. Every slot in `rows` grows by one column.
+    pub fn forward_slots(
+        &self,
+        embeds: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        slots: &mut KvSlots,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        if slots.layers.len() != self.layers.len() {
+            candle_core::bail!(
+                "forward_slots: {} cache layers for {} layers",
+                slots.layers.len(),
+                self.layers.len()
+            );
+        }
+        let lens: Vec<usize> = rows.iter().map(|&s| slots.len(s)).collect();
+        let t = lens.iter().copied().max().unwrap_or(0) + 1;
+        slots.reserve(t)?;
+        let mut x = embeds.clone();
+        for (layer, kv) in self.layers.iter().zip(&slots.layers) {
+            let h = (&x
+                + layer.attn.forward_slots(
+                    &layer.input_norm.forward(&x)?,
+                    cos,
+                    sin,
+                    kv,
+                    rows,
+                    &lens,
+                    t,
+                    mask,
+                )?)?;
+            x = (&h + layer.mlp(&h)?)?;
+        }
+        slots.advance(rows);
         Ok(x)
     }
 

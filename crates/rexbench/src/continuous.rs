@@ -1,0 +1,235 @@
+//! Static batches vs continuous batching, in one run (issue 12, item 4): frames/s for several always-busy
+//! streams whose answers differ in length.
+//!
+//! In: the model, the tokenizer, a frame size, one token budget per stream (e.g. 16/32/48/64: with random
+//! weights no answer ends on its own, so the budget is the answer length) and a number of frames to serve.
+//! Out: one [`ContinuousRow`] per mode and a printed table. Runs on the calling thread, as the detector
+//! worker runs the model.
+//!
+//! Every stream always has a new frame ready (a busy camera; each stream's frames are one generated image
+//! with its own brightness, all of one size, so same-size vision and prefill apply in both modes).
+//! - `static`: what the worker did before: one batch of one frame per stream through
+//!   `engine::generate_with_budgets`, the next batch only when the longest answer is done; `frames / streams`
+//!   rounds.
+//! - `continuous`: one `ContinuousSession` of `streams` slots; whenever a stream's row finishes, that stream's
+//!   next frame is admitted before the next step (rows finishing in the same step are admitted together), until
+//!   `frames` frames are admitted; a short-answer stream is served more often, as the scheduler would serve it.
+//!
+//! Wall time covers vision, prefill and decode (not preprocessing, done once up front). Decode forward passes
+//! are counted as the engine runs them (a static batch's passes are its longest row's). Every answer is checked
+//! against the static run's answer for its stream (ids identical: the exactness contract).
+
+use std::time::Instant;
+
+use anyhow::Context;
+use rexomni::engine::{generate_with_budgets, ContinuousSession, GenerateParams, GenerateRequest};
+use rexomni::model::Qwen25Vl;
+use rexomni::protocol::{RexTokenizer, Task, TaskPrompt};
+use rexprep::tensor::TensorPrep;
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct ContinuousRow {
+    pub mode: &'static str,
+    pub streams: usize,
+    pub budgets: Vec<usize>,
+    pub frames: usize,
+    /// Frames served per stream.
+    pub frames_per_stream: Vec<usize>,
+    pub wall_s: f64,
+    /// CPU seconds of the whole process (all threads) during the mode: on a shared machine wall time depends on
+    /// the other jobs, CPU time much less.
+    pub cpu_s: Option<f64>,
+    pub frames_per_s: f64,
+    pub decode_forward_passes: usize,
+    pub passes_per_frame: f64,
+    pub generated_tokens: usize,
+    /// Every answer's ids equal the static run's answer for its stream.
+    pub ids_identical: bool,
+}
+
+pub fn run(
+    model: &Qwen25Vl,
+    tokenizer: &RexTokenizer,
+    (w, h): (u32, u32),
+    budgets: &[usize],
+    frames: usize,
+) -> anyhow::Result<Vec<ContinuousRow>> {
+    anyhow::ensure!(!budgets.is_empty(), "--continuous-budgets: no stream");
+    let streams = budgets.len();
+    let prep = TensorPrep::new(model.device());
+    let prompt = TaskPrompt::new(Task::Detection, &["person", "car", "bicycle", "dog"]);
+    let base = crate::measure::test_frame(w, h);
+    // One image per stream: the test frame at its own brightness.
+    let requests = (0..streams)
+        .map(|s| {
+            let rgb: Vec<u8> = base
+                .iter()
+                .map(|&v| v.saturating_add((s * 23) as u8))
+                .collect();
+            let p = prep.prepare(&rexprep::Frame::rgb(w, h, &rgb))?;
+            let ids = tokenizer
+                .encode_chat(&prompt, w, h, p.num_image_tokens)
+                .context("encoding the benchmark prompt")?;
+            Ok(GenerateRequest {
+                pixel_values: p.pixel_values,
+                grid_thw: p.grid_thw,
+                prompt_ids: ids,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let clone = |s: usize| GenerateRequest {
+        pixel_values: requests[s].pixel_values.clone(),
+        grid_thw: requests[s].grid_thw,
+        prompt_ids: requests[s].prompt_ids.clone(),
+    };
+    let params = GenerateParams {
+        max_new_tokens: budgets.iter().copied().max().unwrap_or(1),
+        ..GenerateParams::default()
+    };
+
+    // Static batches: one frame per stream, the next batch after the longest answer.
+    let rounds = frames.div_ceil(streams).max(1);
+    let batch: Vec<GenerateRequest> = (0..streams).map(clone).collect();
+    let t = Instant::now();
+    let c0 = cpu_seconds();
+    let mut reference: Vec<Vec<u32>> = Vec::new();
+    let (mut passes, mut tokens, mut identical) = (0, 0, true);
+    for _ in 0..rounds {
+        let out = generate_with_budgets(model, &batch, &params, budgets)?;
+        passes += out
+            .iter()
+            .map(|o| o.decode_forward_passes)
+            .max()
+            .unwrap_or(0);
+        tokens += out.iter().map(|o| o.token_ids.len()).sum::<usize>();
+        if reference.is_empty() {
+            reference = out.iter().map(|o| o.token_ids.clone()).collect();
+        }
+        identical &= out.iter().zip(&reference).all(|(o, r)| &o.token_ids == r);
+    }
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().zip(c0).map(|(b, a)| b - a);
+    let n = rounds * streams;
+    let mut rows = vec![ContinuousRow {
+        mode: "static",
+        streams,
+        budgets: budgets.to_vec(),
+        frames: n,
+        frames_per_stream: vec![rounds; streams],
+        wall_s: wall,
+        cpu_s: cpu,
+        frames_per_s: n as f64 / wall,
+        decode_forward_passes: passes,
+        passes_per_frame: passes as f64 / n as f64,
+        generated_tokens: tokens,
+        ids_identical: identical,
+    }];
+
+    // Continuous: a stream's next frame joins as soon as its previous row is done.
+    let total = n;
+    let t = Instant::now();
+    let c0 = cpu_seconds();
+    let mut session = ContinuousSession::new(model, streams, params.clone(), None)?;
+    let mut owner = std::collections::HashMap::new();
+    let mut served = vec![0usize; streams];
+    let (mut admitted, mut done, mut tokens, mut identical) = (0, 0, 0, true);
+    let mut ready: Vec<usize> = (0..streams).collect();
+    while done < total {
+        // Admit the streams whose previous frame finished (together: same-size vision + prefill in one call).
+        ready.truncate(total - admitted);
+        if !ready.is_empty() {
+            let reqs: Vec<GenerateRequest> = ready.iter().map(|&s| clone(s)).collect();
+            let b: Vec<usize> = ready.iter().map(|&s| budgets[s]).collect();
+            for (ticket, &s) in session.admit(model, &reqs, &b)?.into_iter().zip(&ready) {
+                owner.insert(ticket, s);
+            }
+            admitted += ready.len();
+            ready.clear();
+        }
+        for f in session.step(model)? {
+            let s = owner[&f.ticket];
+            served[s] += 1;
+            done += 1;
+            tokens += f.output.token_ids.len();
+            identical &= f.output.token_ids == reference[s];
+            ready.push(s);
+        }
+    }
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().zip(c0).map(|(b, a)| b - a);
+    rows.push(ContinuousRow {
+        mode: "continuous",
+        streams,
+        budgets: budgets.to_vec(),
+        frames: total,
+        frames_per_stream: served,
+        wall_s: wall,
+        cpu_s: cpu,
+        frames_per_s: total as f64 / wall,
+        decode_forward_passes: session.forward_passes(),
+        passes_per_frame: session.forward_passes() as f64 / total as f64,
+        generated_tokens: tokens,
+        ids_identical: identical,
+    });
+    Ok(rows)
+}
+
+/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`; `None` elsewhere).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the `(comm)`: state is field 3, utime 14 and stime 15 (1-based), in clock ticks.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ: 100 on every Linux this runs on.
+    Some(ticks / 100.0)
+}
+
+pub fn table(rows: &[ContinuousRow]) -> String {
+    let base = rows
+        .iter()
+        .find(|r| r.mode == "static")
+        .map(|r| r.frames_per_s);
+    let cpu_per_frame = |r: &ContinuousRow| r.cpu_s.map(|c| c / r.frames as f64);
+    let base_cpu = rows
+        .iter()
+        .find(|r| r.mode == "static")
+        .and_then(cpu_per_frame);
+    let mut s = String::from(
+        "\n| mode | streams (budgets) | frames | per stream | wall s | frames/s | vs static | CPU s/frame | vs static | decode passes | passes/frame | ids identical |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {} ({}) | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {:.1} | {} |\n",
+            r.mode,
+            r.streams,
+            r.budgets
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
+            r.frames,
+            r.frames_per_stream
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
+            r.wall_s,
+            r.frames_per_s,
+            base.map(|b| format!("{:.2}×", r.frames_per_s / b))
+                .unwrap_or_default(),
+            cpu_per_frame(r)
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_default(),
+            cpu_per_frame(r)
+                .zip(base_cpu)
+                .map(|(c, b)| format!("{:.2}×", b / c))
+                .unwrap_or_default(),
+            r.decode_forward_passes,
+            r.passes_per_frame,
+            r.ids_identical,
+        );
+    }
+    s
+}

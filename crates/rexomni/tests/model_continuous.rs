@@ -1,0 +1,318 @@
+//! Continuous batching (`engine::continuous`): rows join and leave the decode batch between steps, over the
+//! preallocated per-row cache, and every row's ids are the ones it gets alone with plain `generate`.
+//!
+//! On the trained tiny detector in f32 (real answers of 11, 23 and 35 ids, four frame sizes, so prompts of
+//! different lengths share steps): rows admitted at different steps while others are mid-answer, a row
+//! admitted into the slot another one just freed, budgets and the runaway guard per row, and a lone row whose
+//! logprobs are plain decoding's bit for bit.
+#![cfg(feature = "model")]
+
+mod model_support;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use model_support::*;
+use rexomni::engine::{
+    ContinuousSession, DecodeOptions, GenerateOutput, GenerateParams, GenerateRequest, RexOmni,
+    StopReason,
+};
+use rexomni::protocol::{Task, TaskPrompt};
+
+const MODEL: &str = "tiny-detector";
+
+/// The held-out reference frames (PNG → rexprep → chat prompt), as the detector sees them.
+fn frames(engine: &RexOmni) -> Vec<GenerateRequest> {
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(MODEL).join("cases.json")).unwrap(),
+    )
+    .unwrap();
+    let cats: Vec<&str> = m["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let prompt = TaskPrompt::new(Task::Detection, &cats);
+    m["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("heldout"))
+        .map(|c| {
+            let img = image::open(fixtures().join(MODEL).join(c["frame"].as_str().unwrap()))
+                .unwrap()
+                .to_rgb8();
+            let (w, h) = img.dimensions();
+            let prep = rexprep::prepare(&rexprep::Frame::rgb(w, h, img.as_raw())).unwrap();
+            let n = prep.grid_thw.iter().product::<usize>();
+            GenerateRequest {
+                pixel_values: Tensor::from_vec(prep.pixel_values.clone(), (n, 1176), &Device::Cpu)
+                    .unwrap(),
+                grid_thw: prep.grid_thw,
+                prompt_ids: engine
+                    .tokenizer()
+                    .encode_chat(&prompt, w, h, prep.num_image_tokens())
+                    .unwrap(),
+            }
+        })
+        .collect()
+}
+
+fn clone_req(r: &GenerateRequest) -> GenerateRequest {
+    GenerateRequest {
+        pixel_values: r.pixel_values.clone(),
+        grid_thw: r.grid_thw,
+        prompt_ids: r.prompt_ids.clone(),
+    }
+}
+
+fn params() -> GenerateParams {
+    GenerateParams {
+        max_new_tokens: 48,
+        repetition_penalty: 1.05,
+        top_logprobs: 3,
+    }
+}
+
+/// Each request alone through the static path (one row, plain steps).
+fn alone(
+    engine: &RexOmni,
+    reqs: &[GenerateRequest],
+    budgets: &[usize],
+    max_objects: Option<usize>,
+) -> Vec<GenerateOutput> {
+    reqs.iter()
+        .zip(budgets)
+        .map(|(r, &b)| {
+            let options = DecodeOptions {
+                max_objects,
+                ..DecodeOptions::default()
+            };
+            engine
+                .generate_with_options(&[clone_req(r)], &params(), &[b], &options)
+                .unwrap()
+                .remove(0)
+        })
+        .collect()
+}
+
+/// What happened to one request in a session.
+struct Served {
+    output: GenerateOutput,
+    /// Rows already decoding when it was admitted.
+    joined_busy: usize,
+    slot: usize,
+    /// Whether its slot had been freed by a finished row before it was admitted.
+    reused_slot: bool,
+}
+
+/// Drive a session: admit `first` requests at once, then one more whenever a slot is free (each admission
+/// between two steps), until all are served.
+fn serve(
+    engine: &RexOmni,
+    session: &mut ContinuousSession,
+    reqs: &[GenerateRequest],
+    budgets: &[usize],
+    first: usize,
+) -> Vec<Served> {
+    let mut by_ticket: HashMap<u64, (usize, usize)> = HashMap::new();
+    let mut out: Vec<Option<Served>> = reqs.iter().map(|_| None).collect();
+    let mut freed: Vec<usize> = Vec::new();
+    let mut next = 0;
+    let admit = |session: &mut ContinuousSession, i: usize| -> (u64, usize) {
+        let busy = session.active();
+        let t = session
+            .admit(engine.model(), &[clone_req(&reqs[i])], &[budgets[i]])
+            .unwrap()[0];
+        (t, busy)
+    };
+    let mut reused: HashMap<u64, bool> = HashMap::new();
+    while next < first.min(reqs.len()) {
+        let (t, busy) = admit(session, next);
+        by_ticket.insert(t, (next, busy));
+        if let Some(s) = session.slot_of(t) {
+            reused.insert(t, freed.contains(&s));
+        }
+        next += 1;
+    }
+    let mut steps = 0;
+    while out.iter().any(Option::is_none) {
+        for f in session.step(engine.model()).unwrap() {
+            let (i, busy) = by_ticket[&f.ticket];
+            freed.push(f.slot);
+            out[i] = Some(Served {
+                output: f.output,
+                joined_busy: busy,
+                slot: f.slot,
+                reused_slot: reused.get(&f.ticket).copied().unwrap_or(false),
+            });
+        }
+        steps += 1;
+        assert!(steps < 10_000, "session does not finish");
+        // One admission between two steps while there is room: a row joins mid-answer of the others.
+        if next < reqs.len() && session.free_slots() > 0 {
+            let (t, busy) = admit(session, next);
+            by_ticket.insert(t, (next, busy));
+            if let Some(s) = session.slot_of(t) {
+                reused.insert(t, freed.contains(&s));
+            }
+            next += 1;
+        }
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+fn worst_logprob_delta(a: &GenerateOutput, b: &GenerateOutput) -> f32 {
+    a.logprobs
+        .iter()
+        .zip(&b.logprobs)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn rows_joining_between_steps_get_the_ids_they_get_alone() {
+    let engine = load_engine(MODEL, DType::F32);
+    let mut reqs = frames(&engine);
+    // Twice over: 16 rows through 3 slots, so rows keep joining while others are mid-answer.
+    let again: Vec<_> = reqs.iter().map(clone_req).collect();
+    reqs.extend(again);
+    // Budgets cut a few answers short (max_new_tokens stops) so lengths vary beyond the model's own.
+    let budgets: Vec<usize> = (0..reqs.len())
+        .map(|i| if i % 5 == 3 { 7 } else { 48 })
+        .collect();
+    let want = alone(&engine, &reqs, &budgets, None);
+    let lens: std::collections::BTreeSet<usize> = want.iter().map(|o| o.token_ids.len()).collect();
+    assert!(
+        lens.len() >= 3,
+        "answer lengths {lens:?} do not differ enough"
+    );
+    assert!(want.iter().any(|o| o.stopped_on_eos));
+
+    let mut session = ContinuousSession::new(engine.model(), 3, params(), None).unwrap();
+    let got = serve(&engine, &mut session, &reqs, &budgets, 2);
+    let mut worst = 0f32;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.output.token_ids, w.token_ids, "row {i}: ids");
+        assert_eq!(g.output.stop, w.stop, "row {i}: stop reason");
+        assert_eq!(g.output.stopped_on_eos, w.stopped_on_eos, "row {i}");
+        assert_eq!(g.output.logprobs.len(), w.logprobs.len(), "row {i}");
+        // One pass per id after the first (the prefill gives the first).
+        assert_eq!(
+            g.output.decode_forward_passes,
+            w.token_ids.len().saturating_sub(1),
+            "row {i}: passes"
+        );
+        for (a, b) in g.output.top_logprobs.iter().zip(&w.top_logprobs) {
+            assert_eq!(a.len(), b.len());
+        }
+        worst = worst.max(worst_logprob_delta(&g.output, w));
+    }
+    let joined = got.iter().filter(|s| s.joined_busy > 0).count();
+    let reused = got.iter().filter(|s| s.reused_slot).count();
+    eprintln!(
+        "{} rows, answer lengths {lens:?}, {joined} joined a busy batch, {reused} reused a freed slot, {} forward \
+         passes (alone: {}), cache {} columns per slot; ids identical, logprob max |Δ| {worst:.1e}",
+        got.len(),
+        session.forward_passes(),
+        want.iter().map(|o| o.decode_forward_passes).sum::<usize>(),
+        session.cache_capacity()
+    );
+    assert!(
+        joined >= got.len() / 2,
+        "only {joined} rows joined a busy batch"
+    );
+    assert!(reused >= 1, "no row reused a freed slot");
+    assert!(got.iter().all(|s| s.slot < 3));
+    // Every step carried up to 3 rows: far fewer passes than the rows' own passes summed.
+    let own: usize = want.iter().map(|o| o.decode_forward_passes).sum();
+    assert!(
+        session.forward_passes() * 2 < own,
+        "{} passes for {own} row-steps",
+        session.forward_passes()
+    );
+    assert!(worst <= 1e-4, "logprob max |Δ| {worst}");
+    assert!(session.is_idle());
+}
+
+#[test]
+fn a_lone_row_is_plain_decoding_bit_for_bit() {
+    let engine = load_engine(MODEL, DType::F32);
+    let reqs = frames(&engine);
+    let budgets = vec![48; reqs.len()];
+    let want = alone(&engine, &reqs, &budgets, None);
+    // One slot: each row decodes alone over the preallocated cache (the slot reused 7 times).
+    let mut session = ContinuousSession::new(engine.model(), 1, params(), None).unwrap();
+    let got = serve(&engine, &mut session, &reqs, &budgets, 1);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.output.token_ids, w.token_ids, "row {i}: ids");
+        let bits = |o: &GenerateOutput| o.logprobs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&g.output),
+            bits(w),
+            "row {i}: logprobs not bit-identical"
+        );
+        assert_eq!(g.output.top_logprobs, w.top_logprobs, "row {i}: top-K");
+        assert_eq!(g.slot, 0);
+    }
+    assert_eq!(got.iter().filter(|s| s.reused_slot).count(), reqs.len() - 1);
+}
+
+#[test]
+fn budgets_and_the_runaway_guard_act_per_row() {
+    let engine = load_engine(MODEL, DType::F32);
+    let reqs = frames(&engine);
+    // The guard at one object cuts the 2- and 3-object answers; budgets 0 and 1 finish at admission.
+    let budgets: Vec<usize> = (0..reqs.len())
+        .map(|i| match i {
+            0 => 0,
+            1 => 1,
+            _ => 48,
+        })
+        .collect();
+    let want = alone(&engine, &reqs, &budgets, Some(1));
+    assert!(want.iter().any(|o| o.stop == StopReason::MaxObjects));
+    let mut session = ContinuousSession::new(engine.model(), 4, params(), Some(1)).unwrap();
+    let got = serve(&engine, &mut session, &reqs, &budgets, 4);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.output.token_ids, w.token_ids, "row {i}: ids");
+        assert_eq!(g.output.stop, w.stop, "row {i}: stop");
+    }
+    assert!(got[0].output.token_ids.is_empty());
+    assert_eq!(got[1].output.token_ids.len(), 1);
+}
+
+#[test]
+fn admit_refuses_more_rows_than_free_slots_and_empty_prompts() {
+    let engine = load_engine(MODEL, DType::F32);
+    let reqs = frames(&engine);
+    let mut session = ContinuousSession::new(engine.model(), 2, params(), None).unwrap();
+    let three: Vec<_> = reqs[..3].iter().map(clone_req).collect();
+    let err = session.admit(engine.model(), &three, &[]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("3 requests for 2 free decode slots"),
+        "{err}"
+    );
+    assert_eq!(session.active(), 0);
+    let mut empty = clone_req(&reqs[0]);
+    empty.prompt_ids.clear();
+    let err = session.admit(engine.model(), &[empty], &[]).unwrap_err();
+    assert!(err.to_string().contains("empty prompt"), "{err}");
+    // Two same-size frames admitted together (one vision + prefill call) still decode to their own ids.
+    let pair = [clone_req(&reqs[0]), clone_req(&reqs[4])];
+    assert_eq!(pair[0].grid_thw, pair[1].grid_thw);
+    let tickets = session.admit(engine.model(), &pair, &[]).unwrap();
+    assert_eq!(session.free_slots(), 0);
+    let want = alone(&engine, &pair, &[48, 48], None);
+    let mut got: HashMap<u64, GenerateOutput> = HashMap::new();
+    while got.len() < 2 {
+        for f in session.step(engine.model()).unwrap() {
+            got.insert(f.ticket, f.output);
+        }
+    }
+    for (t, w) in tickets.iter().zip(&want) {
+        assert_eq!(got[t].token_ids, w.token_ids);
+    }
+}
