@@ -19,13 +19,19 @@ cd "$(dirname "$0")/.."
 scripts/cuda-toolkit.sh install
 eval "$(scripts/cuda-toolkit.sh env)"
 export CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-${CARGO_TARGET_DIR:-$PWD/target}}"
-cargo build -p rexstream -p rexbench --features rexstream/cuda,rexbench/cuda --bins
+# One package set and one feature set for every cargo call below: cargo resolves features per invocation, and
+# a call for rexprep alone (as this script once made) resolved candle-core differently and compiled candle's
+# CUDA kernels (nvcc, the longest step of CI) a second time.
+pkgs=(-p rexstream -p rexbench -p rexprep)
+features=rexstream/cuda,rexbench/cuda,rexprep/cuda,rexprep/candle
+cargo build "${pkgs[@]}" --features "$features" --bins --test cuda_vs_cpu
 for bin in rexstream rexbench; do
   test -x "$CARGO_TARGET_DIR/debug/$bin" || { echo "cuda-build-check: $bin was not linked" >&2; exit 1; }
 done
-# rexprep's test targets with the CUDA code compiled in (`--no-run`: they need a GPU to run).
-# The `Executable` line is this run's own (a stale binary in deps/ would not count).
-built=$(cargo test -p rexprep --features cuda,candle --tests --no-run 2>&1 | tee /dev/stderr)
+# rexprep's GPU-vs-CPU test with the CUDA code compiled in (`--no-run`: it needs a GPU to run; built above, so
+# this only names it). The `Executable` line is this run's own (a stale binary in deps/ would not count).
+# `tee -a`: appending, so a log file on stderr is not overwritten from its start.
+built=$(cargo test "${pkgs[@]}" --features "$features" --test cuda_vs_cpu --no-run 2>&1 | tee -a /dev/stderr)
 grep -q 'Executable tests/cuda_vs_cpu.rs' <<<"$built" \
   || { echo "cuda-build-check: rexprep's cuda_vs_cpu test was not built" >&2; exit 1; }
 echo "cuda-build-check: rexstream and rexbench built and linked, rexprep's tests compiled, with --features cuda"

@@ -22,6 +22,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// The weight as loaded (model dtype).
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's CUDA kernel already normalises and scales in f32 and rounds once; only its CPU kernel rounds
         // the intermediate values (module doc).
