@@ -19,19 +19,19 @@ cd "$(dirname "$0")/.."
 scripts/cuda-toolkit.sh install
 eval "$(scripts/cuda-toolkit.sh env)"
 export CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-${CARGO_TARGET_DIR:-$PWD/target}}"
-# One package set and one feature set for every cargo call below: cargo resolves features per invocation, and
-# a call for rexprep alone (as this script once made) resolved candle-core differently and compiled candle's
-# CUDA kernels (nvcc, the longest step of CI) a second time.
+# ONE cargo call for everything: cargo resolves features per invocation, and a second call (rexprep's tests
+# alone, or even `cargo test` after `cargo build` with the same packages) resolved some dependencies differently
+# and compiled candle's CUDA kernels (nvcc, the longest step of CI) and tokenizers a second time.
 pkgs=(-p rexstream -p rexbench -p rexprep)
 features=rexstream/cuda,rexbench/cuda,rexprep/cuda,rexprep/candle
-cargo build "${pkgs[@]}" --features "$features" --bins --test cuda_vs_cpu
+# Compiler messages go to stderr as usual; stdout carries cargo's JSON artifact lines, which name what this
+# call built (or found fresh), so a stale binary left in deps/ by another call cannot count.
+artifacts=$(cargo build "${pkgs[@]}" --features "$features" --bins --test cuda_vs_cpu \
+  --message-format=json-render-diagnostics)
 for bin in rexstream rexbench; do
   test -x "$CARGO_TARGET_DIR/debug/$bin" || { echo "cuda-build-check: $bin was not linked" >&2; exit 1; }
 done
-# rexprep's GPU-vs-CPU test with the CUDA code compiled in (`--no-run`: it needs a GPU to run; built above, so
-# this only names it). The `Executable` line is this run's own (a stale binary in deps/ would not count).
-# `tee -a`: appending, so a log file on stderr is not overwritten from its start.
-built=$(cargo test "${pkgs[@]}" --features "$features" --test cuda_vs_cpu --no-run 2>&1 | tee -a /dev/stderr)
-grep -q 'Executable tests/cuda_vs_cpu.rs' <<<"$built" \
+# rexprep's GPU-vs-CPU test with the CUDA code compiled in (it needs a GPU to run).
+grep -q '"executable":"[^"]*/cuda_vs_cpu-[^"]*"' <<<"$artifacts" \
   || { echo "cuda-build-check: rexprep's cuda_vs_cpu test was not built" >&2; exit 1; }
 echo "cuda-build-check: rexstream and rexbench built and linked, rexprep's tests compiled, with --features cuda"
