@@ -62,7 +62,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use crate::model::ModelError;
 pub use crate::model::Weights;
-use crate::model::{KvCache, Qwen25Vl};
+use crate::model::{KvCache, Prefill, Qwen25Vl};
 use crate::protocol::RexTokenizer;
 
 /// `<|im_end|>` and `<|endoftext|>` (spec §5.5).
@@ -351,29 +351,12 @@ pub fn generate_with_options(
     // Per request, in request order: (row, prefill cache, step-0 logits).
     let mut slots: Vec<Option<(Row, KvCache, Tensor)>> = requests.iter().map(|_| None).collect();
     for group in same_size_groups(requests, !options.per_request_prefill) {
-        let first = &requests[group[0]];
-        let t0 = Instant::now();
-        let pvs: Vec<&Tensor> = group.iter().map(|&i| &requests[i].pixel_values).collect();
-        let embs = model
-            .encode_images(&pvs, first.grid_thw)
-            .map_err(|e| with_index(e, group[0]))?;
-        sync(&dev)?;
-        let t1 = Instant::now();
-        let prefills = model
-            .prefill_batch(&first.prompt_ids, &embs, first.grid_thw)
-            .map_err(|e| with_index(e, group[0]))?;
-        let l = first.prompt_ids.len();
-        let mut lasts = Vec::with_capacity(group.len());
-        for p in &prefills {
-            lasts.push(
-                model
-                    .logits(&p.hidden.narrow(1, l - 1, 1)?)?
-                    .flatten_all()?,
-            );
-        }
-        sync(&dev)?;
-        // A batched group's rows each report the group's wall time (what each frame waited).
-        let t2 = Instant::now();
+        let l = requests[group[0]].prompt_ids.len();
+        let GroupPrefill {
+            prefills,
+            last_logits: lasts,
+            timings,
+        } = prefill_group(model, requests, &group)?;
         for ((p, last), &index) in prefills.into_iter().zip(lasts).zip(&group) {
             let r = &requests[index];
             let draft = options
@@ -399,11 +382,7 @@ pub fn generate_with_options(
                     top_logprobs: Vec::new(),
                     stopped_on_eos: false,
                     stop: StopReason::MaxNewTokens,
-                    timings: StageTimings {
-                        vision: t1 - t0,
-                        prefill: t2 - t1,
-                        decode: Duration::ZERO,
-                    },
+                    timings,
                     decode_forward_passes: 0,
                     draft_accepted: 0,
                     draft_rejected: 0,
@@ -561,6 +540,55 @@ pub fn generate_with_options(
         }
     }
     Ok(rows.into_iter().map(|r| r.out).collect())
+}
+
+/// Vision and prefill of one same-size group (indices into `requests`, from [`same_size_groups`]), one call
+/// each, and the step-0 logits of every row: the static batches below and continuous admissions share it.
+pub(crate) struct GroupPrefill {
+    pub prefills: Vec<Prefill>,
+    /// `[vocab]` f32 logits at each row's last prompt position.
+    pub last_logits: Vec<Tensor>,
+    /// The group's vision and prefill wall time; every row of a batched group reports it (what each frame
+    /// waited). `decode` is zero.
+    pub timings: StageTimings,
+}
+
+pub(crate) fn prefill_group(
+    model: &Qwen25Vl,
+    requests: &[GenerateRequest],
+    group: &[usize],
+) -> Result<GroupPrefill, ModelError> {
+    let dev = model.device();
+    let first = &requests[group[0]];
+    let t0 = Instant::now();
+    let pvs: Vec<&Tensor> = group.iter().map(|&i| &requests[i].pixel_values).collect();
+    let embs = model
+        .encode_images(&pvs, first.grid_thw)
+        .map_err(|e| with_index(e, group[0]))?;
+    sync(dev)?;
+    let t1 = Instant::now();
+    let prefills = model
+        .prefill_batch(&first.prompt_ids, &embs, first.grid_thw)
+        .map_err(|e| with_index(e, group[0]))?;
+    let l = first.prompt_ids.len();
+    let mut last_logits = Vec::with_capacity(prefills.len());
+    for p in &prefills {
+        last_logits.push(
+            model
+                .logits(&p.hidden.narrow(1, l - 1, 1)?)?
+                .flatten_all()?,
+        );
+    }
+    sync(dev)?;
+    Ok(GroupPrefill {
+        prefills,
+        last_logits,
+        timings: StageTimings {
+            vision: t1 - t0,
+            prefill: t1.elapsed(),
+            decode: Duration::ZERO,
+        },
+    })
 }
 
 /// Whether a verification block gives this model's rows bit for bit what one-token steps give (module doc).

@@ -27,13 +27,13 @@
 //! [`super::generate_with_options`] (the detector worker picks one or the other, see its module doc).
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::model::{KvSlots, ModelError, Qwen25Vl};
 
 use super::{
-    pick, same_size_groups, sync, with_index, GenerateOutput, GenerateParams, GenerateRequest,
-    Guard, Row, StageTimings, StopReason,
+    pick, prefill_group, same_size_groups, GenerateOutput, GenerateParams, GenerateRequest,
+    GroupPrefill, Guard, Row, StopReason,
 };
 
 /// Identifies an admitted row until it finishes (increasing per session).
@@ -155,38 +155,16 @@ impl ContinuousSession {
                 msg: "empty prompt".into(),
             });
         }
-        let dev = model.device().clone();
         // Run every group before touching the session, so a failure admits nothing.
         let mut prepared = Vec::with_capacity(requests.len());
         for group in same_size_groups(requests, true) {
-            let first = &requests[group[0]];
-            let t0 = Instant::now();
-            let pvs: Vec<_> = group.iter().map(|&i| &requests[i].pixel_values).collect();
-            let embs = model
-                .encode_images(&pvs, first.grid_thw)
-                .map_err(|e| with_index(e, group[0]))?;
-            sync(&dev)?;
-            let t1 = Instant::now();
-            let prefills = model
-                .prefill_batch(&first.prompt_ids, &embs, first.grid_thw)
-                .map_err(|e| with_index(e, group[0]))?;
-            let l = first.prompt_ids.len();
-            let mut lasts = Vec::with_capacity(group.len());
-            for p in &prefills {
-                lasts.push(
-                    model
-                        .logits(&p.hidden.narrow(1, l - 1, 1)?)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?,
-                );
-            }
-            sync(&dev)?;
-            let timings = StageTimings {
-                vision: t1 - t0,
-                prefill: t0.elapsed() - (t1 - t0),
-                decode: Duration::ZERO,
-            };
-            for ((p, last), &index) in prefills.into_iter().zip(lasts).zip(&group) {
+            let GroupPrefill {
+                prefills,
+                last_logits,
+                timings,
+            } = prefill_group(model, requests, &group)?;
+            for ((p, last), &index) in prefills.into_iter().zip(last_logits).zip(&group) {
+                let last: Vec<f32> = last.to_vec1()?;
                 prepared.push((index, p, last, timings));
             }
         }
