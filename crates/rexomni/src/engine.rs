@@ -151,6 +151,23 @@ pub struct GenerateOutput {
     pub draft_rejected: usize,
 }
 
+impl GenerateOutput {
+    /// A row's output before its first decode step: no ids yet, the prefill's `timings`.
+    pub(crate) fn empty(timings: StageTimings) -> Self {
+        Self {
+            token_ids: Vec::new(),
+            logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            stopped_on_eos: false,
+            stop: StopReason::MaxNewTokens,
+            timings,
+            decode_forward_passes: 0,
+            draft_accepted: 0,
+            draft_rejected: 0,
+        }
+    }
+}
+
 pub struct RexOmni {
     model: Qwen25Vl,
     tokenizer: RexTokenizer,
@@ -376,17 +393,7 @@ pub fn generate_with_options(
                 .map(Draft::new);
             let row = Row {
                 seen: r.prompt_ids.iter().copied().collect(),
-                out: GenerateOutput {
-                    token_ids: Vec::new(),
-                    logprobs: Vec::new(),
-                    top_logprobs: Vec::new(),
-                    stopped_on_eos: false,
-                    stop: StopReason::MaxNewTokens,
-                    timings,
-                    decode_forward_passes: 0,
-                    draft_accepted: 0,
-                    draft_rejected: 0,
-                },
+                out: GenerateOutput::empty(timings),
                 base: l as i64 + p.rope_delta,
                 live: Vec::new(),
                 budget: budgets[index],

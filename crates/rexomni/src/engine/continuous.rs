@@ -33,7 +33,7 @@ use crate::model::{KvSlots, ModelError, Qwen25Vl};
 
 use super::{
     pick, prefill_group, same_size_groups, GenerateOutput, GenerateParams, GenerateRequest,
-    GroupPrefill, Guard, Row, StopReason,
+    GroupPrefill, Guard, Row,
 };
 
 /// Identifies an admitted row until it finishes (increasing per session).
@@ -181,17 +181,7 @@ impl ContinuousSession {
                     .iter()
                     .copied()
                     .collect::<HashSet<u32>>(),
-                out: GenerateOutput {
-                    token_ids: Vec::new(),
-                    logprobs: Vec::new(),
-                    top_logprobs: Vec::new(),
-                    stopped_on_eos: false,
-                    stop: StopReason::MaxNewTokens,
-                    timings,
-                    decode_forward_passes: 0,
-                    draft_accepted: 0,
-                    draft_rejected: 0,
-                },
+                out: GenerateOutput::empty(timings),
                 base: requests[index].prompt_ids.len() as i64 + p.rope_delta,
                 live: Vec::new(),
                 budget,

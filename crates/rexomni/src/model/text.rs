@@ -111,14 +111,9 @@ impl Layer {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &dyn Fn(usize, usize) -> Result<Option<Tensor>>,
-        cache: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
+    /// Projections of `x [B, L, H]` to `q [B, heads, L, d]` and `k`, `v [B, kv_heads, L, d]`, with the rotary
+    /// embedding applied to `q` and `k` (shared by the cached and the slot-cache forward).
+    fn qkv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, l, _) = x.dims3()?;
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
             t.reshape((b, l, n, self.head_dim))?
@@ -130,6 +125,19 @@ impl Attention {
         let v = split(linear_forward(&self.v, x)?, self.kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        Ok((q, k, v))
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &dyn Fn(usize, usize) -> Result<Option<Tensor>>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (q, k, v) = self.qkv(x, cos, sin)?;
         let cached = cache.is_some();
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
@@ -238,16 +246,7 @@ impl Attention {
                 rows.len()
             );
         }
-        let split = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, 1, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(linear_forward(&self.q, x)?, self.heads)?;
-        let k = split(linear_forward(&self.k, x)?, self.kv_heads)?;
-        let v = split(linear_forward(&self.v, x)?, self.kv_heads)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (q, k, v) = self.qkv(x, cos, sin)?;
         let (k_all, v_all) = kv;
         for (i, (&s, &len)) in rows.iter().zip(lens).enumerate() {
             k_all
