@@ -1,6 +1,6 @@
 //! bf16 `y = x · Wᵀ` on the CPU at the real model's layer shapes: candle's path, the previous few-row
 //! kernel, the `gemmkit` crate and rexomni's packed GEMM (gemm_bf16.rs), in one process so the ratios share
-//! the machine's state.
+//! the machine's state; then f32 at the decode shapes: candle against rexomni's few-row kernel (cpu_f32.rs).
 //!
 //! In: nothing (random bf16 operands; `--quick` for fewer shapes). Out: one table on stdout, ms per call (the
 //! fastest of the repeats: the machine is shared, and the minimum is the least disturbed) and GFLOP/s
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use gemmkit::{MatMut, MatRef, Parallelism};
 use half::bf16;
-use rexomni::model::cpu_bf16;
+use rexomni::model::{cpu_bf16, cpu_f32};
 use rexomni::model::gemm_bf16::{Level, PackedBf16};
 
 fn values(n: usize, seed: u64) -> Vec<bf16> {
@@ -169,6 +169,59 @@ fn main() -> anyhow::Result<()> {
             other / t_ours,
             max_rel_diff(&ours_y, &candle_y),
             max_rel_diff(&gk_y, &candle_y),
+        );
+    }
+    f32_table(quick)?;
+    Ok(())
+}
+
+/// f32 `x · Wᵀ` at the decode shapes (the CPU default dtype): candle's matmul against rexomni's few-row kernel
+/// (cpu_f32.rs), which reads each weight row once for every row of `x`.
+fn f32_table(quick: bool) -> anyhow::Result<()> {
+    let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
+        ("decode gate/up", 1, 2048, 11008),
+        ("decode gate/up", 4, 2048, 11008),
+        ("decode down", 1, 11008, 2048),
+        ("decode down", 4, 11008, 2048),
+        ("lm_head", 1, 2048, 151936),
+        ("lm_head", 4, 2048, 151936),
+        ("draft block", 16, 2048, 11008),
+        ("draft block", 64, 2048, 11008),
+    ];
+    if quick {
+        shapes.retain(|s| s.0 != "lm_head");
+    }
+    let budget = Duration::from_millis(if quick { 300 } else { 1000 });
+    println!();
+    println!("# f32 x·Wᵀ; best-of-repeats ms (GB/s of weight read)");
+    println!("| layer | m | k | n | candle | ours (cpu_f32) | ours vs candle | max rel diff |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (what, m, k, n) in shapes {
+        let gbs = |ms: f64| format!("{ms:.2} ({:.1})", (n * k * 4) as f64 / ms / 1e6);
+        let x: Vec<f32> = values(m * k, 1).iter().map(|v| v.to_f32()).collect();
+        let w: Vec<f32> = values(n * k, 2).iter().map(|v| v.to_f32()).collect();
+        let dev = Device::Cpu;
+        let xt = Tensor::from_slice(&x, (m, k), &dev)?;
+        let wt = Tensor::from_slice(&w, (n, k), &dev)?;
+        let candle_y: Vec<f32> = xt.matmul(&wt.t()?)?.flatten_all()?.to_vec1()?;
+        let t_candle = best(budget, || {
+            std::hint::black_box(xt.matmul(&wt.t().unwrap()).unwrap());
+        });
+        let ours_y = cpu_f32::rows_times_weight_t(&x, &w, m, k, n);
+        let t_ours = best(budget, || {
+            std::hint::black_box(cpu_f32::rows_times_weight_t(&x, &w, m, k, n));
+        });
+        let scale = candle_y.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
+        let diff = ours_y
+            .iter()
+            .zip(&candle_y)
+            .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+        println!(
+            "| {what} | {m} | {k} | {n} | {} | {} | {:.2}× | {:.1e} |",
+            gbs(t_candle),
+            gbs(t_ours),
+            t_candle / t_ours,
+            diff / scale
         );
     }
     Ok(())

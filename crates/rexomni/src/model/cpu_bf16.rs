@@ -11,13 +11,15 @@
 //!
 //! In: `x` `[m, k]` bf16 (m ≤ [`MAX_ROWS`]), `w` `[n, k]` bf16 (a `Linear` weight), both contiguous.
 //! Out: `[m, n]` bf16, accumulated in f32. Runs on the rayon pool candle already uses for CPU ops.
-//! Other dtypes and devices go to candle, with batched `[B, L, k]` rows flattened into one matmul.
+//! f32 few-row calls go to cpu_f32.rs; other dtypes and devices go to candle, with batched `[B, L, k]` rows
+//! flattened into one matmul.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Linear;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::cpu_f32;
 use super::gemm_bf16::PackedBf16;
 
 /// Above this many rows the widening cost is amortised and candle's GEMM is faster.
@@ -30,6 +32,13 @@ const ROWS_PER_TASK: usize = 64;
 pub fn linear_forward(linear: &Linear, x: &Tensor) -> Result<Tensor> {
     let w = linear.weight();
     let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+    if x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && rows <= cpu_f32::MAX_ROWS
+    {
+        return few_rows_f32(linear, x, rows);
+    }
     if !(x.device().is_cpu()
         && x.dtype() == DType::BF16
         && w.dtype() == DType::BF16
@@ -48,6 +57,21 @@ pub fn linear_forward(linear: &Linear, x: &Tensor) -> Result<Tensor> {
     *out_dims.last_mut().expect("x has a last dimension") = n;
     let x2 = x.reshape((rows, k))?.contiguous()?;
     let y = x2.apply_op2_no_bwd(&w.contiguous()?, &Bf16RowsTimesWeightT { f32_out: false })?;
+    let y = match linear.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    y.reshape(out_dims)
+}
+
+/// f32 few rows on the CPU: [`cpu_f32::F32RowsTimesWeightT`] (one pass over the weight, batch-invariant).
+fn few_rows_f32(linear: &Linear, x: &Tensor, rows: usize) -> Result<Tensor> {
+    let w = linear.weight();
+    let mut out_dims = x.dims().to_vec();
+    let k = *out_dims.last().expect("x has a last dimension");
+    *out_dims.last_mut().expect("x has a last dimension") = w.dim(0)?;
+    let x2 = x.reshape((rows, k))?.contiguous()?;
+    let y = x2.apply_op2_no_bwd(&w.contiguous()?, &cpu_f32::F32RowsTimesWeightT)?;
     let y = match linear.bias() {
         Some(b) => y.broadcast_add(b)?,
         None => y,

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod awq;
 pub mod config;
 pub mod cpu_bf16;
+pub mod cpu_f32;
 pub mod gemm_bf16;
 pub mod kv_slots;
 pub mod linear;
