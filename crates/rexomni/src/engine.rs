@@ -32,7 +32,9 @@
 //! last bits of a logit and flip a near tie. The block path is therefore built so every row meets the same
 //! per-row arithmetic as a step: on the CPU in bf16 the linear layers run gemm_bf16's packed kernel (each
 //! output one sequential chain over the input feature pairs, whatever the number of rows; the block is still
-//! kept within cpu_bf16's `MAX_ROWS`, the bound of the previous row kernel), RMSNorm, RoPE and the embedding are per row, and on the CPU the
+//! kept within cpu_bf16's `MAX_ROWS`, the bound of the previous row kernel), in f32 cpu_f32's few-row kernel
+//! (each output's sum ordered by the input features only, up to its `MAX_ROWS`, also 64), RMSNorm, RoPE and
+//! the embedding are per row, and on the CPU the
 //! attention of block position `i` is computed with exactly the operands of the step that would produce it
 //! (keys cut to `T + i + 1` slots; text.rs says why the softmax needs that). tests/model_drafts.rs checks
 //! the result directly — block logits rows against step logits rows, bit for bit, also after a roll-back —
@@ -40,8 +42,8 @@
 //! and cuBLAS may pick another kernel for another row count, so a row can differ from a step in the last
 //! bits, as today's batched decode rows already differ from single rows; exactness there rests on
 //! near-ties being rare, the same standing as batching (checked with the same tolerances). On the CPU in
-//! f32 no block is exact (a step's one-row linear layers take candle's GEMV, a block's its GEMM, summing in
-//! another order), so there drafts are ignored ([`drafts_are_exact`]): use bf16 on the CPU to get them.
+//! f16 no block is exact (a step's one-row linear layers take candle's GEMV, a block's its GEMM, summing in
+//! another order), so there drafts are ignored ([`drafts_are_exact`]): use bf16 or f32 on the CPU to get them.
 //!
 //! Runaway guard ([`DecodeOptions::max_objects`], `guard.rs`): a row also stops when it repeats a shape for
 //! the same phrase or exceeds `max_objects` shapes; its answer is cut before the offending shape. `None`
@@ -380,17 +382,7 @@ pub fn generate_with_options(
                 .drafts
                 .get(index)
                 .filter(|_| use_drafts)
-                .and_then(|d| d.as_ref())
-                // An id outside the vocabulary can never be picked: the draft ends there (and it could not be
-                // embedded).
-                .map(|d| {
-                    d.iter()
-                        .take_while(|&&t| (t as usize) < vocab)
-                        .copied()
-                        .collect::<Vec<u32>>()
-                })
-                .filter(|d| !d.is_empty())
-                .map(Draft::new);
+                .and_then(|d| draft_from(d.as_deref(), vocab));
             let row = Row {
                 seen: r.prompt_ids.iter().copied().collect(),
                 out: GenerateOutput::empty(timings),
@@ -457,25 +449,8 @@ pub fn generate_with_options(
             .iter()
             .map(|&a| (rows[a].base + rows[a].out.token_ids.len() as i64 - 1).max(0) as u32)
             .collect();
-        // Draft ids per row: never more than the budget can still take after the pass's own pick. On the CPU in
-        // bf16 the linear layers' per-row arithmetic is the same for any row count (gemm_bf16); the block stays
-        // within MAX_ROWS, which also holds where the previous path (REXOMNI_BF16_GEMM=candle) runs.
-        let cap = if dev.is_cpu() && model.dtype() == DType::BF16 {
-            (crate::model::cpu_bf16::MAX_ROWS / active.len()).saturating_sub(1)
-        } else {
-            block
-        };
-        let proposals: Vec<Vec<u32>> = active
-            .iter()
-            .map(|&a| {
-                let r = &rows[a];
-                let room = r.budget.saturating_sub(r.out.token_ids.len() + 1).min(cap);
-                r.draft
-                    .as_ref()
-                    .map(|d| d.next(block.min(room)).to_vec())
-                    .unwrap_or_default()
-            })
-            .collect();
+        let cap = draft_cap(&dev, active.len(), block);
+        let proposals: Vec<Vec<u32>> = active.iter().map(|&a| rows[a].proposal(cap)).collect();
         let t = cache.len();
         let l = 1 + proposals.iter().map(Vec::len).max().unwrap_or(0);
         if l == 1 {
@@ -496,47 +471,13 @@ pub fn generate_with_options(
             continue;
         }
         // Verification pass: rows shorter than the block are filled with their last id; those slots are hidden.
-        let tokens: Vec<u32> = active
-            .iter()
-            .zip(&proposals)
-            .zip(&last_tokens)
-            .flat_map(|((_, p), &last)| {
-                std::iter::once(last)
-                    .chain(p.iter().copied())
-                    .chain(std::iter::repeat(last))
-                    .take(l)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let tokens = block_tokens(&last_tokens, &proposals, l);
         let mask = key_mask(&active, &rows, t, l, &dev)?;
         let logits = model.decode_block(&tokens, &positions, mask.as_ref(), &mut cache)?;
         let mut kept = Vec::with_capacity(active.len());
         for (b, (&a, prop)) in active.iter().zip(&proposals).enumerate() {
-            let row = &mut rows[a];
-            row.out.decode_forward_passes += 1;
-            let lb = logits.get(b)?;
-            let mut accepted = 0;
-            for i in 0..=prop.len() {
-                let id = pick(row, &lb.get(i)?.to_vec1::<f32>()?, params);
-                if row.done {
-                    if id == prop.get(i).copied().unwrap_or(u32::MAX) {
-                        accepted += 1;
-                    }
-                    break;
-                }
-                if i < prop.len() && id == prop[i] {
-                    accepted += 1;
-                    continue;
-                }
-                if let Some(d) = row.draft.as_mut() {
-                    d.advance(accepted, id, &row.out.token_ids);
-                }
-                break;
-            }
-            row.out.draft_accepted += accepted;
-            row.out.draft_rejected += prop.len() - accepted;
             // Cache slots this row keeps: its last id and the accepted draft ids.
-            kept.push(1 + accepted);
+            kept.push(1 + rows[a].verify(&logits.get(b)?, prop, params)?);
         }
         let max_kept = kept.iter().copied().max().unwrap_or(1);
         cache.truncate(t + max_kept)?;
@@ -547,6 +488,93 @@ pub fn generate_with_options(
         }
     }
     Ok(rows.into_iter().map(|r| r.out).collect())
+}
+
+/// A request's draft: the previous answer's ids up to the first one outside the vocabulary (it can never be
+/// picked, and could not be embedded); `None` when nothing is left.
+pub(crate) fn draft_from(ids: Option<&[u32]>, vocab: usize) -> Option<Draft> {
+    let d: Vec<u32> = ids?
+        .iter()
+        .take_while(|&&t| (t as usize) < vocab)
+        .copied()
+        .collect();
+    (!d.is_empty()).then(|| Draft::new(d))
+}
+
+/// Most draft ids per row in a verification pass of `rows` rows. On the CPU the linear layers' per-row
+/// arithmetic is the same for any row count up to a kernel's MAX_ROWS (bf16: gemm_bf16, and the previous path
+/// REXOMNI_BF16_GEMM=candle; f32: cpu_f32), so the whole block stays within it; elsewhere `block`.
+pub(crate) fn draft_cap(dev: &Device, rows: usize, block: usize) -> usize {
+    if dev.is_cpu() {
+        let max_rows = crate::model::cpu_bf16::MAX_ROWS.min(crate::model::cpu_f32::MAX_ROWS);
+        (max_rows / rows.max(1)).saturating_sub(1).min(block)
+    } else {
+        block
+    }
+}
+
+/// A verification pass's ids, `l` per row: the row's last id, its proposed draft ids, then its last id again
+/// as filler (the filler's cache columns are hidden or rolled back, and its logits never read).
+pub(crate) fn block_tokens(last_tokens: &[u32], proposals: &[Vec<u32>], l: usize) -> Vec<u32> {
+    last_tokens
+        .iter()
+        .zip(proposals)
+        .flat_map(|(&last, p)| {
+            std::iter::once(last)
+                .chain(p.iter().copied())
+                .chain(std::iter::repeat(last))
+                .take(l)
+        })
+        .collect()
+}
+
+impl Row {
+    /// The draft ids to verify in this row's next pass: at most `cap`, and never more than the budget can
+    /// still take after the pass's own pick.
+    fn proposal(&self, cap: usize) -> Vec<u32> {
+        let room = self
+            .budget
+            .saturating_sub(self.out.token_ids.len() + 1)
+            .min(cap);
+        self.draft
+            .as_ref()
+            .map(|d| d.next(room).to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Picks from a verification pass's logits (`[l, vocab]`, position `i` after the row's last id and the
+    /// first `i` proposed ids): the longest prefix of `prop` that greedy decoding picks, then the model's own
+    /// id at the first mismatch (or after the whole proposal); the draft re-aligns there. Returns how many
+    /// proposed ids were accepted; counts the pass and the accepted / rejected draft ids.
+    fn verify(
+        &mut self,
+        logits: &Tensor,
+        prop: &[u32],
+        params: &GenerateParams,
+    ) -> Result<usize, ModelError> {
+        self.out.decode_forward_passes += 1;
+        let mut accepted = 0;
+        for i in 0..=prop.len() {
+            let id = pick(self, &logits.get(i)?.to_vec1::<f32>()?, params);
+            if self.done {
+                if id == prop.get(i).copied().unwrap_or(u32::MAX) {
+                    accepted += 1;
+                }
+                break;
+            }
+            if i < prop.len() && id == prop[i] {
+                accepted += 1;
+                continue;
+            }
+            if let Some(d) = self.draft.as_mut() {
+                d.advance(accepted, id, &self.out.token_ids);
+            }
+            break;
+        }
+        self.out.draft_accepted += accepted;
+        self.out.draft_rejected += prop.len() - accepted;
+        Ok(accepted)
+    }
 }
 
 /// Vision and prefill of one same-size group (indices into `requests`, from [`same_size_groups`]), one call
@@ -599,10 +627,11 @@ pub(crate) fn prefill_group(
 }
 
 /// Whether a verification block gives this model's rows bit for bit what one-token steps give (module doc).
-/// Not on the CPU in f32/f16: a step's linear layers run candle's one-row GEMV and a block's its GEMM
-/// micro-kernel, whose sums are ordered differently; there drafts are ignored and decoding is plain.
+/// On the CPU: in bf16 and f32, whose few-row linear kernels are batch-invariant; not in f16, where a step's
+/// linear layers run candle's one-row GEMV and a block's its GEMM micro-kernel, whose sums are ordered
+/// differently; there drafts are ignored and decoding is plain.
 pub fn drafts_are_exact(model: &Qwen25Vl) -> bool {
-    !model.device().is_cpu() || model.dtype() == DType::BF16
+    !model.device().is_cpu() || matches!(model.dtype(), DType::BF16 | DType::F32)
 }
 
 /// Additive f32 mask `[B, 1, l, t + l]` for a pass of `l` new ids per row over `t` cached slots: each row's

@@ -3,8 +3,9 @@
 //!
 //! On the trained tiny detector in f32 (real answers of 11, 23 and 35 ids, four frame sizes, so prompts of
 //! different lengths share steps): rows admitted at different steps while others are mid-answer, a row
-//! admitted into the slot another one just freed, budgets and the runaway guard per row, and a lone row whose
-//! logprobs are plain decoding's bit for bit.
+//! admitted into the slot another one just freed, budgets and the runaway guard per row, a lone row whose
+//! logprobs are plain decoding's bit for bit, and drafts verified in blocks over the slots (exact, foreign,
+//! truncated or none, mixed in one session).
 #![cfg(feature = "model")]
 
 mod model_support;
@@ -116,14 +117,32 @@ fn serve(
     budgets: &[usize],
     first: usize,
 ) -> Vec<Served> {
+    serve_with_drafts(engine, session, reqs, budgets, &[], first)
+}
+
+/// As [`serve`], request `i` admitted with draft `drafts[i]` (empty: none).
+fn serve_with_drafts(
+    engine: &RexOmni,
+    session: &mut ContinuousSession,
+    reqs: &[GenerateRequest],
+    budgets: &[usize],
+    drafts: &[Option<Vec<u32>>],
+    first: usize,
+) -> Vec<Served> {
     let mut by_ticket: HashMap<u64, (usize, usize)> = HashMap::new();
     let mut out: Vec<Option<Served>> = reqs.iter().map(|_| None).collect();
     let mut freed: Vec<usize> = Vec::new();
     let mut next = 0;
     let admit = |session: &mut ContinuousSession, i: usize| -> (u64, usize) {
         let busy = session.active();
+        let draft: Vec<Option<Vec<u32>>> = drafts.get(i).cloned().into_iter().collect();
         let t = session
-            .admit(engine.model(), &[clone_req(&reqs[i])], &[budgets[i]])
+            .admit_with_drafts(
+                engine.model(),
+                &[clone_req(&reqs[i])],
+                &[budgets[i]],
+                &draft,
+            )
             .unwrap()[0];
         (t, busy)
     };
@@ -257,6 +276,117 @@ fn a_lone_row_is_plain_decoding_bit_for_bit() {
         assert_eq!(g.slot, 0);
     }
     assert_eq!(got.iter().filter(|s| s.reused_slot).count(), reqs.len() - 1);
+}
+
+/// Drafts in a session: each row verifies its draft in blocks over its own slot. A lone row with its own
+/// previous answer takes at most 2 passes and gives plain decoding's logprobs bit for bit (block rows are a
+/// lone step's, `Attention::forward_slots`), in f32 and bf16.
+#[test]
+fn a_lone_row_with_its_previous_answer_as_draft_is_plain_decoding_bit_for_bit() {
+    for dtype in [DType::F32, DType::BF16] {
+        let engine = load_engine(MODEL, dtype);
+        let reqs = frames(&engine);
+        let budgets = vec![48; reqs.len()];
+        let want = alone(&engine, &reqs, &budgets, None);
+        let drafts: Vec<Option<Vec<u32>>> =
+            want.iter().map(|o| Some(o.token_ids.clone())).collect();
+        let mut session = ContinuousSession::new(engine.model(), 1, params(), None).unwrap();
+        let got = serve_with_drafts(&engine, &mut session, &reqs, &budgets, &drafts, 1);
+        let bits = |o: &GenerateOutput| o.logprobs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.output.token_ids, w.token_ids, "{dtype:?} row {i}: ids");
+            assert_eq!(
+                bits(&g.output),
+                bits(w),
+                "{dtype:?} row {i}: logprobs not bit-identical"
+            );
+            assert_eq!(
+                g.output.top_logprobs, w.top_logprobs,
+                "{dtype:?} row {i}: top-K"
+            );
+            assert_eq!(g.output.stop, w.stop, "{dtype:?} row {i}: stop");
+            assert!(
+                g.output.decode_forward_passes <= 2,
+                "{dtype:?} row {i}: {} passes with an exact draft",
+                g.output.decode_forward_passes
+            );
+            // Every id after the first is an accepted draft id or a pass's own pick (one per pass, except a
+            // pass that ends on an accepted stop id); an exact draft is never rejected.
+            let own_picks = (w.token_ids.len() - 1) - g.output.draft_accepted;
+            let passes = g.output.decode_forward_passes;
+            assert!(
+                own_picks == passes || own_picks + 1 == passes,
+                "{dtype:?} row {i}: {} accepted, {passes} passes for {} ids",
+                g.output.draft_accepted,
+                w.token_ids.len()
+            );
+            assert_eq!(g.output.draft_rejected, 0, "{dtype:?} row {i}");
+        }
+        eprintln!(
+            "{dtype:?}: {} passes with drafts, {} without",
+            session.forward_passes(),
+            want.iter().map(|o| o.decode_forward_passes).sum::<usize>()
+        );
+    }
+}
+
+/// Rows with exact, foreign, truncated and no drafts joining a 3-slot session between passes (steps and
+/// verification blocks mixed): every row's ids are the ones it gets alone, and the exact drafts save passes.
+#[test]
+fn rows_with_and_without_drafts_joining_between_passes_get_the_ids_they_get_alone() {
+    let engine = load_engine(MODEL, DType::F32);
+    let mut reqs = frames(&engine);
+    let again: Vec<_> = reqs.iter().map(clone_req).collect();
+    reqs.extend(again);
+    let budgets = vec![48; reqs.len()];
+    let want = alone(&engine, &reqs, &budgets, None);
+    let n = reqs.len();
+    let drafts: Vec<Option<Vec<u32>>> = (0..n)
+        .map(|i| match i % 4 {
+            0 => Some(want[i].token_ids.clone()),
+            1 => Some(want[(i + 1) % n].token_ids.clone()),
+            2 => Some(want[i].token_ids[..want[i].token_ids.len() / 2].to_vec()),
+            _ => None,
+        })
+        .collect();
+    let mut plain = ContinuousSession::new(engine.model(), 3, params(), None).unwrap();
+    serve(&engine, &mut plain, &reqs, &budgets, 2);
+    let mut session = ContinuousSession::new(engine.model(), 3, params(), None).unwrap();
+    let got = serve_with_drafts(&engine, &mut session, &reqs, &budgets, &drafts, 2);
+    let mut worst = 0f32;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            g.output.token_ids,
+            w.token_ids,
+            "row {i} (draft kind {}): ids",
+            i % 4
+        );
+        assert_eq!(g.output.stop, w.stop, "row {i}: stop reason");
+        worst = worst.max(worst_logprob_delta(&g.output, w));
+        if i % 4 == 0 {
+            assert!(
+                g.output.decode_forward_passes < w.decode_forward_passes.max(2),
+                "row {i}: {} passes with its exact draft, {} alone",
+                g.output.decode_forward_passes,
+                w.decode_forward_passes
+            );
+        }
+        if i % 4 == 3 {
+            assert_eq!(
+                g.output.draft_accepted + g.output.draft_rejected,
+                0,
+                "row {i}"
+            );
+        }
+    }
+    eprintln!(
+        "{n} rows: {} session passes with drafts, {} without; logprob max |Δ| {worst:.1e}",
+        session.forward_passes(),
+        plain.forward_passes()
+    );
+    assert!(session.forward_passes() < plain.forward_passes());
+    assert!(worst <= 1e-4, "logprob max |Δ| {worst}");
+    assert!(session.is_idle());
 }
 
 #[test]

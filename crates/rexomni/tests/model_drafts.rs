@@ -1,6 +1,6 @@
 //! Exact speculative decoding with drafts (engine.rs module doc, engine/drafts.rs) on the tiny checkpoints in
-//! bf16 on the CPU (where blocks are exact and used; in f32 drafts are ignored, checked last): a draft never
-//! changes an id. Checked at two levels:
+//! bf16 and f32 on the CPU (where blocks are exact and used; in f16 drafts are ignored, checked last): a draft
+//! never changes an id. Checked at two levels:
 //! - arithmetic: a verification block's logits rows are bit-identical to the rows plain one-token steps give,
 //!   for single rows, batches with left padding, and blocks after a roll-back;
 //! - behaviour: ids (and logprobs, top-K) identical to plain greedy with the same frame twice (at most 2 decode
@@ -64,6 +64,14 @@ fn assert_same(got: &GenerateOutput, want: &GenerateOutput, what: &str) {
     assert_eq!(got.stop, want.stop, "{what}: stop reason");
 }
 
+/// Every random checkpoint in each dtype where blocks are exact on the CPU: bf16 (gemm_bf16's packed kernel)
+/// and f32 (cpu_f32's few-row kernel).
+fn models() -> impl Iterator<Item = (&'static str, DType)> {
+    [DType::BF16, DType::F32]
+        .into_iter()
+        .flat_map(|dtype| MODELS.into_iter().map(move |name| (name, dtype)))
+}
+
 fn plain(engine: &RexOmni, c: &Case) -> GenerateOutput {
     run(engine, &[c], vec![], 0).remove(0)
 }
@@ -71,8 +79,8 @@ fn plain(engine: &RexOmni, c: &Case) -> GenerateOutput {
 #[test]
 fn block_logits_rows_equal_step_logits_rows_bit_for_bit() {
     let cases = cases();
-    for name in MODELS {
-        let engine = load_engine(name, DType::BF16);
+    for (name, dtype) in models() {
+        let engine = load_engine(name, dtype);
         let model = engine.model();
         for c in &cases[..2] {
             let want = plain(&engine, c);
@@ -110,7 +118,7 @@ fn block_logits_rows_equal_step_logits_rows_bit_for_bit() {
                     .unwrap();
                 assert!(
                     row == step_rows[s],
-                    "{name}: block row {s} differs from step {s}"
+                    "{name} {dtype:?}: block row {s} differs from step {s}"
                 );
             }
             cache.truncate(t + 5).unwrap();
@@ -132,7 +140,7 @@ fn block_logits_rows_equal_step_logits_rows_bit_for_bit() {
                     .unwrap();
                 assert!(
                     row == step_rows[s],
-                    "{name}: block row {s} after roll-back differs"
+                    "{name} {dtype:?}: block row {s} after roll-back differs"
                 );
             }
         }
@@ -158,15 +166,19 @@ fn causal(t: usize, l: usize) -> Tensor {
 #[test]
 fn same_frame_twice_takes_at_most_two_passes_and_gives_the_same_ids() {
     let cases = cases();
-    for name in MODELS {
-        let engine = load_engine(name, DType::BF16);
+    for (name, dtype) in models() {
+        let engine = load_engine(name, dtype);
         for (i, c) in cases.iter().enumerate() {
             let first = plain(&engine, c);
             assert_eq!(first.decode_forward_passes, first.token_ids.len() - 1);
             for block in [0, 8, 64] {
                 let second =
                     run(&engine, &[c], vec![Some(first.token_ids.clone())], block).remove(0);
-                assert_same(&second, &first, &format!("{name} case{i} block {block}"));
+                assert_same(
+                    &second,
+                    &first,
+                    &format!("{name} {dtype:?} case{i} block {block}"),
+                );
                 let bound = if block == 8 {
                     (MAX_NEW - 1).div_ceil(9)
                 } else {
@@ -193,8 +205,8 @@ fn same_frame_twice_takes_at_most_two_passes_and_gives_the_same_ids() {
 #[test]
 fn other_truncated_and_shifted_drafts_give_the_same_ids() {
     let cases = cases();
-    for name in MODELS {
-        let engine = load_engine(name, DType::BF16);
+    for (name, dtype) in models() {
+        let engine = load_engine(name, dtype);
         let plains: Vec<GenerateOutput> = cases.iter().map(|c| plain(&engine, c)).collect();
         for (i, c) in cases.iter().enumerate() {
             let own = &plains[i].token_ids;
@@ -226,7 +238,11 @@ fn other_truncated_and_shifted_drafts_give_the_same_ids() {
                 ("empty", vec![]),
             ] {
                 let out = run(&engine, &[c], vec![Some(d)], 0).remove(0);
-                assert_same(&out, &plains[i], &format!("{name} case{i} {what}"));
+                assert_same(
+                    &out,
+                    &plains[i],
+                    &format!("{name} {dtype:?} case{i} {what}"),
+                );
                 eprintln!(
                     "{name} case{i} {what}: {} passes, {} accepted, {} rejected",
                     out.decode_forward_passes, out.draft_accepted, out.draft_rejected
@@ -239,8 +255,8 @@ fn other_truncated_and_shifted_drafts_give_the_same_ids() {
 #[test]
 fn batches_mixing_rows_with_and_without_drafts_give_each_row_its_own_ids() {
     let cases = cases();
-    for name in MODELS {
-        let engine = load_engine(name, DType::BF16);
+    for (name, dtype) in models() {
+        let engine = load_engine(name, dtype);
         let plains: Vec<GenerateOutput> = cases.iter().map(|c| plain(&engine, c)).collect();
         let order = [2usize, 0, 3, 1];
         let refs: Vec<&Case> = order.iter().map(|&i| &cases[i]).collect();
@@ -259,7 +275,7 @@ fn batches_mixing_rows_with_and_without_drafts_give_each_row_its_own_ids() {
                 // hidden slots reorder the softmax sums, one bf16 ulp of a logit is ~0.4 %).
                 assert_eq!(
                     out[b].token_ids, plains[i].token_ids,
-                    "{name} block {block} row {b} (case{i})"
+                    "{name} {dtype:?} block {block} row {b} (case{i})"
                 );
                 let d = out[b]
                     .logprobs
@@ -294,7 +310,7 @@ proptest! {
     /// random ids. Ids, logprobs and top-K stay those of plain greedy.
     #[test]
     fn random_drafts_never_change_an_id(
-        model in 0usize..2,
+        model in 0usize..4,
         case in 0usize..4,
         edits in proptest::collection::vec(edit(), 0..6),
         cut in 0usize..=MAX_NEW,
@@ -303,7 +319,7 @@ proptest! {
     ) {
         thread_local! {
             static STATE: (Vec<RexOmni>, Vec<Case>, std::cell::RefCell<std::collections::HashMap<(usize, usize), GenerateOutput>>) =
-                (MODELS.iter().map(|n| load_engine(n, DType::BF16)).collect(), cases(), Default::default());
+                (models().map(|(n, dtype)| load_engine(n, dtype)).collect(), cases(), Default::default());
         }
         STATE.with(|(engines, cases, plains)| {
             let engine = &engines[model];
@@ -331,8 +347,9 @@ proptest! {
 
 #[test]
 fn drafts_are_ignored_where_a_block_would_not_be_exact() {
+    // f16 on the CPU: its linear layers take candle's GEMV for a step and its GEMM for a block.
     let cases = cases();
-    let engine = load_engine("tiny-tied", DType::F32);
+    let engine = load_engine("tiny-tied", DType::F16);
     assert!(!rexomni::engine::drafts_are_exact(engine.model()));
     let first = plain(&engine, &cases[0]);
     let second = run(
@@ -342,7 +359,7 @@ fn drafts_are_ignored_where_a_block_would_not_be_exact() {
         0,
     )
     .remove(0);
-    assert_same(&second, &first, "f32");
+    assert_same(&second, &first, "f16");
     assert_eq!(second.decode_forward_passes, first.decode_forward_passes);
     assert_eq!(second.draft_accepted + second.draft_rejected, 0);
 }

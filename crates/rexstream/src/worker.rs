@@ -10,8 +10,9 @@
 //! `RexOmni::generate` (vision, prefill, batched decode) → decode ids → `parse_output` in
 //! original-frame pixels (rex-omni-spec.md §5.3–5.4).
 //!
-//! With `[model] continuous_batching` (and drafts not in effect) the batch is continuous instead
-//! (`worker/continuous.rs`): frames join the decode batch between steps as rows finish.
+//! With `[model] continuous_batching` (the default) the batch is continuous instead (`worker/continuous.rs`):
+//! frames join the decode batch between steps as rows finish, each verifying its stream's previous answer
+//! as a draft where drafts are on.
 //!
 //! Stops when the scheduler hangs up (shutdown or every stream ended) — always after finishing the
 //! batch in flight, so no frame that reached the model is lost.
@@ -163,14 +164,13 @@ struct Pending {
 
 impl Worker {
     fn run(mut self, credits: SyncSender<usize>, batches: Receiver<Batch>) {
-        // Drafts need the static path (a session decodes plain steps); where they are in effect they win, as
-        // they save far more on still scenes.
-        let drafts_in_effect =
-            self.ctx.drafts && rexomni::engine::drafts_are_exact(self.engine.model());
-        if self.ctx.continuous && !drafts_in_effect {
+        if self.ctx.continuous {
+            let drafts_in_effect =
+                self.ctx.drafts && rexomni::engine::drafts_are_exact(self.engine.model());
             info!(
                 message = "Continuous batching.",
-                max_batch = self.ctx.max_batch
+                max_batch = self.ctx.max_batch,
+                drafts = drafts_in_effect
             );
             continuous::run(&mut self, &credits, &batches);
             info!(message = "Detector stopped.");
@@ -193,15 +193,7 @@ impl Worker {
             return;
         }
         let options = DecodeOptions {
-            drafts: pending
-                .iter()
-                .map(|p| {
-                    self.ctx
-                        .drafts
-                        .then(|| self.previous.draft(p.frame.stream_index, &p.prompt))
-                        .flatten()
-                })
-                .collect(),
+            drafts: pending.iter().map(|p| self.draft_for(p)).collect(),
             draft_block: 0,
             max_objects: self.ctx.max_objects,
             ..DecodeOptions::default()
@@ -228,6 +220,14 @@ impl Worker {
         for (p, out) in pending.into_iter().zip(outputs) {
             self.publish(p, out);
         }
+    }
+
+    /// The frame's draft: its stream's previous answer to the same prompt, when `[model] drafts` is on.
+    fn draft_for(&self, p: &Pending) -> Option<Vec<u32>> {
+        self.ctx
+            .drafts
+            .then(|| self.previous.draft(p.frame.stream_index, &p.prompt))
+            .flatten()
     }
 
     /// Frames → generate requests (preprocess and prompt ids) and what is kept about each until its document;

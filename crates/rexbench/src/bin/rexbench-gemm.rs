@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use gemmkit::{MatMut, MatRef, Parallelism};
 use half::bf16;
-use rexomni::model::{cpu_bf16, cpu_f32};
 use rexomni::model::gemm_bf16::{Level, PackedBf16};
+use rexomni::model::{cpu_bf16, cpu_f32};
 
 fn values(n: usize, seed: u64) -> Vec<bf16> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

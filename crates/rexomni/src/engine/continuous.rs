@@ -22,9 +22,14 @@
 //! share a step meet multi-row matmul shapes and a masked softmax, which can move the last bits of a logit as
 //! the static batch's padded rows do (same standing, same tolerances: tests/model_continuous.rs).
 //!
-//! Not supported here yet: drafts (the verification block of `drafts.rs` needs per-row block lengths over
-//! the slots). A session decodes plain greedy steps; callers that want drafts use the static
-//! [`super::generate_with_options`] (the detector worker picks one or the other, see its module doc).
+//! Drafts (`drafts.rs`, [`ContinuousSession::admit_with_drafts`]): a row admitted with its stream's previous
+//! answer verifies up to `draft_block` draft ids per pass. When any active row has draft ids to verify, the
+//! pass is a block ([`Qwen25Vl::decode_slots_block`]): every row feeds its last id plus its proposed ids
+//! (filled with its last id up to the longest), each row attends causally to its own columns only, and each
+//! row then keeps its last id and the accepted ids (the slot is rolled back to them, no copy). On the CPU each
+//! block row is, bit for bit, the logits a lone row's plain step gives (`TextModel::forward_slots`), so a
+//! draft never changes an id; rows without a draft in such a pass just take their one step.
+//! Where blocks are not exact ([`super::drafts_are_exact`]) drafts are ignored, as in the static path.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -32,8 +37,8 @@ use std::time::Instant;
 use crate::model::{KvSlots, ModelError, Qwen25Vl};
 
 use super::{
-    pick, prefill_group, same_size_groups, GenerateOutput, GenerateParams, GenerateRequest,
-    GroupPrefill, Guard, Row,
+    block_tokens, draft_cap, draft_from, drafts_are_exact, pick, prefill_group, same_size_groups,
+    GenerateOutput, GenerateParams, GenerateRequest, GroupPrefill, Guard, Row, DEFAULT_DRAFT_BLOCK,
 };
 
 /// Identifies an admitted row until it finishes (increasing per session).
@@ -69,6 +74,11 @@ pub struct ContinuousSession {
     finished: Vec<Finished>,
     next_ticket: Ticket,
     forward_passes: usize,
+    /// Most draft ids verified per row in one pass.
+    draft_block: usize,
+    /// Blocks are exact for this model (drafts are used), from [`drafts_are_exact`].
+    use_drafts: bool,
+    vocab: usize,
 }
 
 impl ContinuousSession {
@@ -89,7 +99,19 @@ impl ContinuousSession {
             finished: Vec::new(),
             next_ticket: 0,
             forward_passes: 0,
+            draft_block: DEFAULT_DRAFT_BLOCK,
+            use_drafts: drafts_are_exact(model),
+            vocab: model.cfg.text.vocab_size,
         })
+    }
+
+    /// Most draft ids verified per row in one pass (0 = [`DEFAULT_DRAFT_BLOCK`]).
+    pub fn set_draft_block(&mut self, block: usize) {
+        self.draft_block = if block == 0 {
+            DEFAULT_DRAFT_BLOCK
+        } else {
+            block
+        };
     }
 
     pub fn max_batch(&self) -> usize {
@@ -133,6 +155,24 @@ impl ContinuousSession {
         requests: &[GenerateRequest],
         budgets: &[usize],
     ) -> Result<Vec<Ticket>, ModelError> {
+        self.admit_with_drafts(model, requests, budgets, &[])
+    }
+
+    /// As [`Self::admit`], with a draft per request (same order, or empty for none): the ids of the stream's
+    /// previous answer, verified as the row decodes (module doc); ignored where blocks are not exact.
+    pub fn admit_with_drafts(
+        &mut self,
+        model: &Qwen25Vl,
+        requests: &[GenerateRequest],
+        budgets: &[usize],
+        drafts: &[Option<Vec<u32>>],
+    ) -> Result<Vec<Ticket>, ModelError> {
+        if !drafts.is_empty() && drafts.len() != requests.len() {
+            return Err(ModelError::Request {
+                index: 0,
+                msg: format!("{} drafts for {} requests", drafts.len(), requests.len()),
+            });
+        }
         if requests.len() > self.free_slots() {
             return Err(ModelError::Request {
                 index: 0,
@@ -186,7 +226,10 @@ impl ContinuousSession {
                 live: Vec::new(),
                 budget,
                 done: budget == 0,
-                draft: None,
+                draft: drafts
+                    .get(index)
+                    .filter(|_| self.use_drafts)
+                    .and_then(|d| draft_from(d.as_deref(), self.vocab)),
                 guard: self.max_objects.map(Guard::new),
             };
             let ticket = self.next_ticket;
@@ -194,7 +237,10 @@ impl ContinuousSession {
             tickets.push(ticket);
             let admitted_at = Instant::now();
             if !row.done {
-                pick(&mut row, &last, &self.params);
+                let id = pick(&mut row, &last, &self.params);
+                if let Some(d) = row.draft.as_mut() {
+                    d.advance(0, id, &row.out.token_ids);
+                }
             }
             let slot = self
                 .rows
@@ -220,42 +266,70 @@ impl ContinuousSession {
         Ok(tickets)
     }
 
-    /// One decode forward pass for every active row (each at its own length), then the rows that finished
-    /// (in this step or at admission since the last call), their slots freed. With no active row it runs no
-    /// forward and only returns the finished list.
+    /// One decode forward pass for every active row (each at its own length; a verification block when a row
+    /// has draft ids to verify), then the rows that finished (in this pass or at admission since the last
+    /// call), their slots freed. With no active row it runs no forward and only returns the finished list.
     pub fn step(&mut self, model: &Qwen25Vl) -> Result<Vec<Finished>, ModelError> {
         let slots: Vec<usize> = (0..self.rows.len())
             .filter(|&s| self.rows[s].is_some())
             .collect();
         if !slots.is_empty() {
+            let cap = draft_cap(model.device(), slots.len(), self.draft_block);
             let mut tokens = Vec::with_capacity(slots.len());
             let mut positions = Vec::with_capacity(slots.len());
+            let mut proposals = Vec::with_capacity(slots.len());
             for &s in &slots {
                 let r = &self.rows[s].as_ref().expect("active").row;
                 tokens.push(*r.out.token_ids.last().unwrap_or(&0));
                 positions.push((r.base + r.out.token_ids.len() as i64 - 1).max(0) as u32);
+                proposals.push(r.proposal(cap));
             }
-            let logits = model
-                .decode_slots(&tokens, &positions, &slots, &mut self.slots)?
-                .to_vec2::<f32>()?;
-            self.forward_passes += 1;
-            for (&s, lg) in slots.iter().zip(&logits) {
-                let a = self.rows[s].as_mut().expect("active");
-                a.row.out.decode_forward_passes += 1;
-                pick(&mut a.row, lg, &self.params);
-                if a.row.done {
-                    let mut a = self.rows[s].take().expect("active");
-                    self.slots.free(s);
-                    a.row.out.timings.decode = a.admitted_at.elapsed();
-                    self.finished.push(Finished {
-                        ticket: a.ticket,
-                        slot: s,
-                        output: a.row.out,
-                    });
+            let l = 1 + proposals.iter().map(Vec::len).max().unwrap_or(0);
+            if l == 1 {
+                let logits = model
+                    .decode_slots(&tokens, &positions, &slots, &mut self.slots)?
+                    .to_vec2::<f32>()?;
+                self.forward_passes += 1;
+                for (&s, lg) in slots.iter().zip(&logits) {
+                    let row = &mut self.rows[s].as_mut().expect("active").row;
+                    row.out.decode_forward_passes += 1;
+                    let id = pick(row, lg, &self.params);
+                    if let Some(d) = row.draft.as_mut() {
+                        d.advance(0, id, &row.out.token_ids);
+                    }
+                    self.finish_if_done(s);
+                }
+            } else {
+                let lens: Vec<usize> = slots.iter().map(|&s| self.slots.len(s)).collect();
+                let block = block_tokens(&tokens, &proposals, l);
+                let logits =
+                    model.decode_slots_block(&block, &positions, &slots, &mut self.slots)?;
+                self.forward_passes += 1;
+                for (b, (&s, prop)) in slots.iter().zip(&proposals).enumerate() {
+                    let row = &mut self.rows[s].as_mut().expect("active").row;
+                    let accepted = row.verify(&logits.get(b)?, prop, &self.params)?;
+                    // Keep the row's last id and the accepted draft ids; the rest of the block is stale.
+                    self.slots.truncate(s, lens[b] + 1 + accepted)?;
+                    self.finish_if_done(s);
                 }
             }
         }
         Ok(std::mem::take(&mut self.finished))
+    }
+
+    /// Move the row in slot `s` to the finished list if it is done, freeing the slot.
+    fn finish_if_done(&mut self, s: usize) {
+        if !self.rows[s].as_ref().is_some_and(|a| a.row.done) {
+            return;
+        }
+        let mut a = self.rows[s].take().expect("checked above");
+        self.slots.free(s);
+        a.row.out.timings.decode = a.admitted_at.elapsed();
+        self.finished.push(Finished {
+            ticket: a.ticket,
+            slot: s,
+            output: a.row.out,
+        });
     }
 
     /// Drop every row (after a model error, or at shutdown): their tickets, slots freed.

@@ -197,7 +197,12 @@ mod x86 {
         #[inline(always)]
         fn fma(self, a: Self, b: Self) -> Self {
             // SAFETY: as `zero`.
-            unsafe { Self(_mm256_fmadd_ps(a.0, b.0, self.0), _mm256_fmadd_ps(a.1, b.1, self.1)) }
+            unsafe {
+                Self(
+                    _mm256_fmadd_ps(a.0, b.0, self.0),
+                    _mm256_fmadd_ps(a.1, b.1, self.1),
+                )
+            }
         }
         #[inline(always)]
         fn to_array(self) -> [f32; LANES] {
@@ -215,7 +220,13 @@ mod x86 {
     /// 2 weight rows × 4 `x` rows: 8 accumulators of two ymm registers each (16 of 16: the loads go from
     /// memory operands).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn block_avx2_fma(x: &[f32], w: &[f32], k: usize, m: usize, out_t: &mut [f32]) {
+    pub(super) unsafe fn block_avx2_fma(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        m: usize,
+        out_t: &mut [f32],
+    ) {
         block_tiled::<Avx2, 2>(x, w, k, m, out_t)
     }
 }
@@ -233,10 +244,22 @@ fn block_tiled<V: Lanes16, const J: usize>(
     let mut j = 0;
     while j < n {
         if j + J <= n {
-            rows_tile::<V, J>(x, &w[j * k..(j + J) * k], k, m, &mut out_t[j * m..(j + J) * m]);
+            rows_tile::<V, J>(
+                x,
+                &w[j * k..(j + J) * k],
+                k,
+                m,
+                &mut out_t[j * m..(j + J) * m],
+            );
             j += J;
         } else {
-            rows_tile::<V, 1>(x, &w[j * k..(j + 1) * k], k, m, &mut out_t[j * m..(j + 1) * m]);
+            rows_tile::<V, 1>(
+                x,
+                &w[j * k..(j + 1) * k],
+                k,
+                m,
+                &mut out_t[j * m..(j + 1) * m],
+            );
             j += 1;
         }
     }

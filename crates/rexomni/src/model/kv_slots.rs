@@ -1,8 +1,9 @@
 //! A preallocated key/value cache with one slot per decode row and a length per slot, for continuous batching
 //! (`engine::continuous`).
 //!
-//! In: a row's prefill [`KvCache`] (`insert`), then one key/value per layer per decode step, written in place at
-//! that row's own length (`TextModel::forward_slots`). Out: strided views of the live columns for attention.
+//! In: a row's prefill [`KvCache`] (`insert`), then one key/value per layer per decode step (or `l` for a draft
+//! verification pass, rolled back to the accepted ones with `truncate`), written in place at that row's own
+//! length (`TextModel::forward_slots`). Out: strided views of the live columns for attention.
 //! Runs on the decode thread (the detector worker); plain data owned by one session.
 //!
 //! Layout per layer: keys and values `[slots, kv_heads, capacity, head_dim]` in the model dtype, contiguous.
@@ -126,10 +127,23 @@ impl KvSlots {
         Ok(())
     }
 
-    /// After a step that wrote one column to each slot in `rows`.
-    pub(super) fn advance(&mut self, rows: &[usize]) {
+    /// After a pass that wrote `l` columns to each slot in `rows`.
+    pub(super) fn advance(&mut self, rows: &[usize], l: usize) {
         for &s in rows {
-            self.lens[s] += 1;
+            self.lens[s] += l;
         }
+    }
+
+    /// Roll slot `s` back to its first `len` columns (a draft verification pass keeps only the accepted ids;
+    /// the columns past `len` become stale, nothing is copied). Fails when the slot has fewer columns.
+    pub fn truncate(&mut self, s: usize, len: usize) -> Result<()> {
+        if len > self.lens[s] {
+            candle_core::bail!(
+                "kv slots: cannot truncate slot {s} of {} columns to {len}",
+                self.lens[s]
+            );
+        }
+        self.lens[s] = len;
+        Ok(())
     }
 }

@@ -373,6 +373,51 @@ impl Qwen25Vl {
         Ok(self.text.logits(&hidden)?.squeeze(1)?)
     }
 
+    /// A draft verification pass for the rows of a continuous batch: `l = tokens.len() / B` ids per row (row
+    /// `i`'s are `tokens[i·l..(i+1)·l]`, at M-RoPE positions `first_positions[i]..+l`) for slot `rows[i]`. Each
+    /// row attends causally to its own columns only; on the CPU each block row's logits are those of a lone
+    /// row's plain decode step bit for bit (`TextModel::forward_slots`). Returns `[B, l, vocab]` f32; each slot
+    /// in `rows` grows by `l` columns (roll back with [`KvSlots::truncate`]).
+    pub fn decode_slots_block(
+        &self,
+        tokens: &[u32],
+        first_positions: &[u32],
+        rows: &[usize],
+        slots: &mut KvSlots,
+    ) -> Result<Tensor, ModelError> {
+        let b = first_positions.len();
+        if b == 0 || rows.len() != b || tokens.len() % b != 0 {
+            return Err(ModelError::Request {
+                index: 0,
+                msg: format!(
+                    "decode_slots_block: {} tokens, {b} positions, {} rows",
+                    tokens.len(),
+                    rows.len()
+                ),
+            });
+        }
+        let l = tokens.len() / b;
+        if l == 1 {
+            // A step: rows of different lengths need the step's key mask.
+            return Ok(self
+                .decode_slots(tokens, first_positions, rows, slots)?
+                .unsqueeze(1)?);
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, l), &self.device)?;
+        let embeds = self.text.embed(&ids)?;
+        let pos: Vec<[u32; 3]> = first_positions
+            .iter()
+            .flat_map(|&p| (0..l as u32).map(move |i| [p + i; 3]))
+            .collect();
+        let (cos, sin) = self.cos_sin(&pos)?;
+        let half = cos.dim(1)?;
+        let (cos, sin) = (cos.reshape((b, l, half))?, sin.reshape((b, l, half))?);
+        let hidden = self
+            .text
+            .forward_slots(&embeds, &cos, &sin, None, slots, rows)?;
+        Ok(self.text.logits(&hidden)?)
+    }
+
     fn cos_sin(&self, positions: &[[u32; 3]]) -> Result<(Tensor, Tensor), ModelError> {
         let t = &self.cfg.text;
         let (c, s) = rope::mrope_cos_sin(

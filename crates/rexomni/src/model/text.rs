@@ -222,11 +222,16 @@ impl Attention {
 }
 
 impl Attention {
-    /// One decode step over preallocated [`KvSlots`] (continuous batching): row `i` of `x` (`[B, 1, H]`) is slot
-    /// `rows[i]`; its new key and value are written in place at column `lens[i]` (its own length), then it
-    /// attends to columns `0..t` (`t` = longest row + 1), `mask` `[B, 1, 1, t]` hiding each row's columns past
-    /// its own. The query heads are grouped over their kv head exactly as in a plain decode step, and when the
-    /// rows are consecutive slots the keys and values are read as strided views of the slots (no gather).
+    /// One decode pass over preallocated [`KvSlots`] (continuous batching): row `i` of `x` (`[B, l, H]`) is slot
+    /// `rows[i]`; its `l` new keys and values are written in place from column `lens[i]` (its own length).
+    /// - `l == 1`, a step: every row attends to columns `0..t` (`t` = longest row + 1), `mask` `[B, 1, 1, t]`
+    ///   hiding each row's columns past its own. The query heads are grouped over their kv head exactly as in a
+    ///   plain decode step, and when the rows are consecutive slots the keys and values are read as strided
+    ///   views of the slots (no gather).
+    /// - `l > 1`, a draft verification block: each row sees only its own columns, causally. On the CPU position
+    ///   by position with exactly the operands of a lone row's plain decode step (its keys cut to
+    ///   `lens[i] + p + 1` columns, contiguous, no mask), so each block row is that step's bit for bit (the
+    ///   static block path does the same, see `forward`); elsewhere one call per row with a causal mask.
     #[allow(clippy::too_many_arguments)]
     fn forward_slots(
         &self,
@@ -240,7 +245,7 @@ impl Attention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        if l != 1 || rows.len() != b {
+        if rows.len() != b || lens.len() != b {
             candle_core::bail!(
                 "forward_slots: {b} rows of {l} tokens for {} slots",
                 rows.len()
@@ -256,34 +261,88 @@ impl Attention {
                 .narrow(0, s, 1)?
                 .slice_set(&v.narrow(0, i, 1)?.contiguous()?, 2, len)?;
         }
-        let consecutive = rows.windows(2).all(|w| w[1] == w[0] + 1);
-        let (k, v) = if consecutive {
-            (
-                k_all.narrow(0, rows[0], b)?.narrow(2, 0, t)?,
-                v_all.narrow(0, rows[0], b)?.narrow(2, 0, t)?,
-            )
-        } else {
-            let gather = |all: &Tensor| -> Result<Tensor> {
-                let parts = rows
-                    .iter()
-                    .map(|&s| all.narrow(0, s, 1)?.narrow(2, 0, t))
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&parts, 0)
-            };
-            (gather(k_all)?, gather(v_all)?)
-        };
         let rep = self.heads / self.kv_heads;
-        let grouped = q.reshape((b, self.kv_heads, rep, self.head_dim))?;
-        let m = mask.cloned();
-        let o = attend(&grouped, &k, &v, MAX_SCORE_ELEMS, move |_, _| Ok(m.clone()))?.reshape((
-            b,
-            self.heads,
-            1,
-            self.head_dim,
-        ))?;
+        let o = if l == 1 {
+            let consecutive = rows.windows(2).all(|w| w[1] == w[0] + 1);
+            let (k, v) = if consecutive {
+                (
+                    k_all.narrow(0, rows[0], b)?.narrow(2, 0, t)?,
+                    v_all.narrow(0, rows[0], b)?.narrow(2, 0, t)?,
+                )
+            } else {
+                let gather = |all: &Tensor| -> Result<Tensor> {
+                    let parts = rows
+                        .iter()
+                        .map(|&s| all.narrow(0, s, 1)?.narrow(2, 0, t))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&parts, 0)
+                };
+                (gather(k_all)?, gather(v_all)?)
+            };
+            let grouped = q.reshape((b, self.kv_heads, rep, self.head_dim))?;
+            let m = mask.cloned();
+            attend(&grouped, &k, &v, MAX_SCORE_ELEMS, move |_, _| Ok(m.clone()))?.reshape((
+                b,
+                self.heads,
+                1,
+                self.head_dim,
+            ))?
+        } else {
+            let mut outs = Vec::with_capacity(b);
+            for (i, (&s, &len)) in rows.iter().zip(lens).enumerate() {
+                let qi = q.narrow(0, i, 1)?;
+                let (ks, vs) = (k_all.narrow(0, s, 1)?, v_all.narrow(0, s, 1)?);
+                let o =
+                    if x.device().is_cpu() {
+                        let mut per_position = Vec::with_capacity(l);
+                        for p in 0..l {
+                            let qp = qi.narrow(2, p, 1)?.contiguous()?.reshape((
+                                1,
+                                self.kv_heads,
+                                rep,
+                                self.head_dim,
+                            ))?;
+                            let kp = ks.narrow(2, 0, len + p + 1)?.contiguous()?;
+                            let vp = vs.narrow(2, 0, len + p + 1)?.contiguous()?;
+                            per_position.push(
+                                attend(&qp, &kp, &vp, MAX_SCORE_ELEMS, |_, _| Ok(None))?
+                                    .reshape((1, self.heads, 1, self.head_dim))?,
+                            );
+                        }
+                        Tensor::cat(&per_position, 2)?
+                    } else {
+                        // Rows `r·l + p` of kv head `g` are query head `g·rep + r` at block position `p`.
+                        let causal: Vec<f32> = (0..rep)
+                            .flat_map(|_| {
+                                (0..l).flat_map(move |p| {
+                                    (0..len + l).map(move |j| {
+                                        if j <= len + p {
+                                            0.0
+                                        } else {
+                                            f32::NEG_INFINITY
+                                        }
+                                    })
+                                })
+                            })
+                            .collect();
+                        let m = Tensor::from_vec(causal, (1, 1, rep * l, len + l), x.device())?;
+                        let grouped = qi.reshape((1, self.kv_heads, rep * l, self.head_dim))?;
+                        let (kr, vr) = (ks.narrow(2, 0, len + l)?, vs.narrow(2, 0, len + l)?);
+                        let mask_g = move |start: usize, n: usize| m.narrow(2, start, n).map(Some);
+                        attend(&grouped, &kr, &vr, MAX_SCORE_ELEMS, mask_g)?.reshape((
+                            1,
+                            self.heads,
+                            l,
+                            self.head_dim,
+                        ))?
+                    };
+                outs.push(o);
+            }
+            Tensor::cat(&outs, 0)?
+        };
         let o = o
             .transpose(1, 2)?
-            .reshape((b, 1, self.heads * self.head_dim))?;
+            .reshape((b, l, self.heads * self.head_dim))?;
         linear_forward(&self.o, &o)
     }
 }
@@ -374,9 +433,11 @@ impl TextModel {
         Ok(x)
     }
 
-    /// One decode step of `B` rows over [`KvSlots`] (continuous batching): row `i` is slot `rows[i]`, its token
-    /// written at the slot's own length; `mask` `[B, 1, 1, t]` (or `None` when every row has the same length)
-    /// hides the columns past each row's length. Every slot in `rows` grows by one column.
+    /// One decode pass of `B` rows of `l` tokens over [`KvSlots`] (continuous batching): row `i` is slot
+    /// `rows[i]`, its tokens written from the slot's own length; for a step (`l == 1`) `mask` `[B, 1, 1, t]` (or
+    /// `None` when every row has the same length) hides the columns past each row's length, a block (`l > 1`,
+    /// draft verification) is causal per row (`Attention::forward_slots`). Every slot in `rows` grows by `l`
+    /// columns.
     pub fn forward_slots(
         &self,
         embeds: &Tensor,
@@ -393,8 +454,9 @@ impl TextModel {
                 self.layers.len()
             );
         }
+        let l = embeds.dim(1)?;
         let lens: Vec<usize> = rows.iter().map(|&s| slots.len(s)).collect();
-        let t = lens.iter().copied().max().unwrap_or(0) + 1;
+        let t = lens.iter().copied().max().unwrap_or(0) + l;
         slots.reserve(t)?;
         let mut x = embeds.clone();
         for (layer, kv) in self.layers.iter().zip(&slots.layers) {
@@ -411,7 +473,7 @@ impl TextModel {
                 )?)?;
             x = (&h + layer.mlp(&h)?)?;
         }
-        slots.advance(rows);
+        slots.advance(rows, l);
         Ok(x)
     }
 

@@ -7,11 +7,12 @@
 //!
 //! Per loop: ask for frames when there is room (one credit outstanding at most); take a batch without waiting
 //! while rows are decoding (blocking only when idle); admit its frames (vision + prefill, same-size frames in
-//! one call); run one decode step; publish the rows that finished. A stream has at most one row decoding, so
-//! its documents stay in frame order: a frame whose stream is still decoding waits (in arrival order) for
-//! that row to finish. When the scheduler hangs up, the rows and waiting frames are finished first, so no
-//! frame that reached the worker is lost. A model error drops the frames it touched (`detector_error`) and the
-//! loop goes on.
+//! one call; each with its stream's previous answer as a draft where `[model] drafts` is on); run one decode
+//! pass (a step, or a draft verification block); publish the rows that finished. A stream has at most one
+//! row decoding, so its documents stay in frame order: a frame whose stream is still decoding waits (in
+//! arrival order) for that row to finish. When the scheduler hangs up, the rows and waiting frames are
+//! finished first, so no frame that reached the worker is lost. A model error drops the frames it touched
+//! (`detector_error`) and the loop goes on.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
@@ -88,7 +89,9 @@ pub(super) fn run(w: &mut Worker, credits: &SyncSender<usize>, batches: &Receive
         waiting = rest;
         if !admit.is_empty() {
             let (requests, pending): (Vec<_>, Vec<_>) = admit.into_iter().unzip();
-            match session.admit(w.engine.model(), &requests, &[]) {
+            // Drafts are taken now: a stream's previous answer was published before its next frame is admitted.
+            let drafts: Vec<Option<Vec<u32>>> = pending.iter().map(|p| w.draft_for(p)).collect();
+            match session.admit_with_drafts(w.engine.model(), &requests, &[], &drafts) {
                 Ok(tickets) => {
                     for (t, p) in tickets.into_iter().zip(pending) {
                         busy.insert(p.frame.stream_index);
