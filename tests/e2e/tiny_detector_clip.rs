@@ -86,6 +86,13 @@ fn clip_detections_follow_the_ground_truth() -> Result<()> {
     // The file is played once at its own rate; the process exits at its end.
     let code = rex.proc.wait_exit(Duration::from_secs(180))?;
     assert_eq!(code, Some(0), "exit status; log:\n{}", rex.log());
+    // The defaults on the CPU in f32: continuous batching with each frame's previous answer as a draft.
+    let log = rex.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("Continuous batching.") && l.contains("drafts=true")),
+        "no `Continuous batching.` line with drafts=true; log:\n{log}"
+    );
     let msgs = sub.collect_until(Duration::from_secs(3), |_| false);
     let docs: Vec<Value> = msgs
         .iter()

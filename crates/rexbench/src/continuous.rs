@@ -14,6 +14,8 @@
 //! - `continuous`: one `ContinuousSession` of `streams` slots; whenever a stream's row finishes, that stream's
 //!   next frame is admitted before the next step (rows finishing in the same step are admitted together), until
 //!   `frames` frames are admitted; a short-answer stream is served more often, as the scheduler would serve it.
+//! - `continuous + drafts`: the same, each frame admitted with its stream's previous answer as a draft (what
+//!   the worker does; here every stream's frames are one image, so the drafts are exact: a still camera).
 //!
 //! Wall time covers vision, prefill and decode (not preprocessing, done once up front). Decode forward passes
 //! are counted as the engine runs them (a static batch's passes are its longest row's). Every answer is checked
@@ -126,13 +128,34 @@ pub fn run(
         ids_identical: identical,
     }];
 
-    // Continuous: a stream's next frame joins as soon as its previous row is done.
-    let total = n;
+    // Continuous: a stream's next frame joins as soon as its previous row is done; then the same with each
+    // frame verifying its stream's previous answer as a draft (a still camera: the answers repeat).
+    for drafts in [false, true] {
+        rows.push(continuous(
+            model, &clone, &params, budgets, &reference, n, drafts,
+        )?);
+    }
+    Ok(rows)
+}
+
+/// One continuous run of `total` frames over `budgets.len()` always-busy streams; with `drafts`, each frame
+/// is admitted with its stream's previous answer (none for a stream's first frame).
+fn continuous(
+    model: &Qwen25Vl,
+    clone: &dyn Fn(usize) -> GenerateRequest,
+    params: &GenerateParams,
+    budgets: &[usize],
+    reference: &[Vec<u32>],
+    total: usize,
+    drafts: bool,
+) -> anyhow::Result<ContinuousRow> {
+    let streams = budgets.len();
     let t = Instant::now();
     let c0 = cpu_seconds();
     let mut session = ContinuousSession::new(model, streams, params.clone(), None)?;
     let mut owner = std::collections::HashMap::new();
     let mut served = vec![0usize; streams];
+    let mut previous: Vec<Option<Vec<u32>>> = vec![None; streams];
     let (mut admitted, mut done, mut tokens, mut identical) = (0, 0, 0, true);
     let mut ready: Vec<usize> = (0..streams).collect();
     while done < total {
@@ -141,7 +164,12 @@ pub fn run(
         if !ready.is_empty() {
             let reqs: Vec<GenerateRequest> = ready.iter().map(|&s| clone(s)).collect();
             let b: Vec<usize> = ready.iter().map(|&s| budgets[s]).collect();
-            for (ticket, &s) in session.admit(model, &reqs, &b)?.into_iter().zip(&ready) {
+            let d: Vec<Option<Vec<u32>>> = ready
+                .iter()
+                .map(|&s| previous[s].clone().filter(|_| drafts))
+                .collect();
+            let tickets = session.admit_with_drafts(model, &reqs, &b, &d)?;
+            for (ticket, &s) in tickets.into_iter().zip(&ready) {
                 owner.insert(ticket, s);
             }
             admitted += ready.len();
@@ -153,13 +181,18 @@ pub fn run(
             done += 1;
             tokens += f.output.token_ids.len();
             identical &= f.output.token_ids == reference[s];
+            previous[s] = Some(f.output.token_ids);
             ready.push(s);
         }
     }
     let wall = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds().zip(c0).map(|(b, a)| b - a);
-    rows.push(ContinuousRow {
-        mode: "continuous",
+    Ok(ContinuousRow {
+        mode: if drafts {
+            "continuous + drafts"
+        } else {
+            "continuous"
+        },
         streams,
         budgets: budgets.to_vec(),
         frames: total,
@@ -171,8 +204,7 @@ pub fn run(
         passes_per_frame: session.forward_passes() as f64 / total as f64,
         generated_tokens: tokens,
         ids_identical: identical,
-    });
-    Ok(rows)
+    })
 }
 
 /// User + system CPU seconds of this process so far (Linux `/proc/self/stat`; `None` elsewhere).

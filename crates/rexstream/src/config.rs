@@ -90,8 +90,8 @@ pub struct ModelConfig {
     #[serde(default = "default_max_objects")]
     pub max_objects: usize,
     /// Continuous batching: a frame joins the decode batch as soon as a row finishes (up to `max_batch`)
-    /// instead of waiting for the whole batch; same ids. Used where drafts are not in effect (CPU f32, or
-    /// `drafts = false`); `false` runs static batches.
+    /// instead of waiting for the whole batch, with its stream's previous answer as a draft when `drafts` is
+    /// on; same ids. `false` runs static batches.
     #[serde(default = "default_continuous_batching")]
     pub continuous_batching: bool,
 }
