@@ -2,7 +2,7 @@
 //! kernel, the `gemmkit` crate and rexomni's packed GEMM (gemm_bf16.rs), in one process so the ratios share
 //! the machine's state; then f32 at the decode shapes: candle against rexomni's few-row kernel (cpu_f32.rs).
 //!
-//! In: nothing (random bf16 operands; `--quick` for fewer shapes). Out: one table on stdout, ms per call (the
+//! In: nothing (random bf16 operands; `--quick` for fewer shapes, `--f32` for the f32 table only). Out: one table on stdout, ms per call (the
 //! fastest of the repeats: the machine is shared, and the minimum is the least disturbed) and GFLOP/s
 //! (2·m·k·n). Runs on the main thread and the rayon pool (`RAYON_NUM_THREADS`).
 //!
@@ -59,6 +59,9 @@ fn max_rel_diff(a: &[bf16], b: &[bf16]) -> f32 {
 
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--f32") {
+        return f32_table(quick);
+    }
     // (what, m, k, n) at the real 3B config; vision rows for a 640×480 frame (1564 patches, 391 merged).
     let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
         ("decode gate/up", 1, 2048, 11008),
