@@ -31,7 +31,9 @@ Run:  /work/venv/bin/python tests/reference/train_tiny_detector.py            (C
 import argparse
 import json
 import math
+import os
 import re
+import resource
 import shutil
 import sys
 import time
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -312,7 +315,10 @@ def fast_visual(vis, pv, thw):
     assert (thw[:, 1:] == thw[0, 1:]).all()
     N = gh * gw
     one = thw[:1]
-    x = vis.patch_embed(pv)
+    # The patch embedding is a Conv3d whose kernel covers the whole patch: the same sums as one matmul, which
+    # the CPU runs several times faster than mkldnn's Conv3d (forward and backward).
+    pw = vis.patch_embed.proj.weight
+    x = pv.view(pv.shape[0], -1).to(pw.dtype) @ pw.view(pw.shape[0], -1).T
     D = x.shape[-1]
     rot = vis.rot_pos_emb(one)
     widx, cuw = vis.get_window_index(one)
@@ -332,16 +338,39 @@ def fast_visual(vis, pv, thw):
         q, k, v = qkv.unbind(2)
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        w = q @ k.transpose(-1, -2) / math.sqrt(hd)
-        if i not in vis.fullatt_block_indexes:
-            w = w + win
-        w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = (w @ v).transpose(1, 2).reshape(B, N, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if i in vis.fullatt_block_indexes else win)
+        o = o.transpose(1, 2).reshape(B, N, D)
         x = x + attn.proj(o)
         x = x + blk.mlp(blk.norm2(x))
     y = vis.merger(x.reshape(B * N, D))
     rev = torch.argsort(widx)
     return y.view(B, N // 4, -1)[:, rev].reshape(B * N // 4, -1)
+
+
+def fast_text(lm, x, pos):
+    """HF's decoder stack (eager attention) for right-padded rows (training only; checked at start-up).
+
+    Every row is padded at its end, so a valid token never sees a pad through the causal mask alone: no 4-D
+    padding mask is built, and attention runs in one fused scaled_dot_product_attention call per layer. Outputs
+    at pad positions differ from HF's and carry no loss.
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
+
+    cos, sin = lm.rotary_emb(x, pos)
+    B, L, _ = x.shape
+    for layer in lm.layers:
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(B, L, -1, a.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(B, L, -1, a.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(B, L, -1, a.head_dim).transpose(1, 2)
+        q, k = apply_multimodal_rotary_pos_emb(q, k, cos, sin, a.rope_scaling["mrope_section"])
+        g = a.num_key_value_groups  # GQA: query head j reads key/value head j // g (HF's repeat_kv)
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + a.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return lm.norm(x)
 
 
 class Trainer(torch.nn.Module):
@@ -362,7 +391,7 @@ class Trainer(torch.nn.Module):
         mask = ids == gmf.IMAGE_PAD
         x = x.masked_scatter(mask[..., None].expand_as(x), img.to(x.dtype))
         pos, _ = self.m.get_rope_index(ids, thw, None, attn)
-        return self.m.model(inputs_embeds=x, position_ids=pos, attention_mask=attn, use_cache=False).last_hidden_state
+        return fast_text(self.m.model, x, pos)
 
     def logprobs(self, h):
         lu = h @ self.head.T
@@ -435,7 +464,7 @@ def batches(seed, steps, batch, ahead=3):
             yield q.popleft().get()
 
 
-def train(tr, voc, steps, batch, lr, log_every, seed, resume=False):
+def train(tr, voc, steps, batch, lr, log_every, seed, resume=False, sharp_at=0.7):
     params = [p for n, p in tr.named_parameters() if "embed_tokens" not in n and "lm_head" not in n]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, steps // 30)
@@ -447,8 +476,11 @@ def train(tr, voc, steps, batch, lr, log_every, seed, resume=False):
         cur_lr = lr * min(1.0, (step + 1) / warm) * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = cur_lr
-        sigma = 40.0 * (1 - frac) ** 2 + 3.0  # wide early: ordinal signal; sharp late: real greedy margins
-        alpha = 0.6 * (1 - frac) + 0.15 * frac
+        # Wide early: ordinal signal; sharp from `sharp_at` on: real greedy margins, and the last part of the
+        # cosine (lr falling from ~1/3 of the peak) trains on the final targets.
+        fs = min(1.0, frac / sharp_at)
+        sigma = 40.0 * (1 - fs) ** 2 + 3.0
+        alpha = 0.6 * (1 - fs) + 0.15 * fs
         if resume:  # a second stage continues where the first ended
             sigma, alpha = 3.0, 0.15
         ids, attn, tgt, pv, thw = next(data)
@@ -534,10 +566,13 @@ def evaluate(model, voc, n_per_size, seed):
 TOK = None
 
 
+T0 = time.time()
+
+
 def main():
     global TOK, VOC
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=1700)
+    ap.add_argument("--steps", type=int, default=2800)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--eval", type=int, default=50, help="held-out frames per size")
@@ -545,6 +580,8 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--resume", help="continue training the checkpoint in this folder (second stage)")
     ap.add_argument("--seed", type=int, default=7, help="training-data seed")
+    ap.add_argument("--sharp-at", type=float, default=0.7,
+                    help="fraction of training after which coordinate targets stay at their sharpest")
     args = ap.parse_args()
     # One thread: on a shared 2-core machine two OpenMP threads spin-wait on each other (measured 3-5x slower
     # per step under load); the second core draws the training frames.
@@ -563,11 +600,27 @@ def main():
         ids, attn, tgt, pv, thw = make_batch(np.random.default_rng(0), voc, 3, size=(168, 112))
         d = (fast_visual(model.visual, pv, thw) - model.visual(pv, grid_thw=thw)).abs().max().item()
         assert d < 1e-4, f"fast_visual differs from HF by {d}"
+        ids, attn, tgt, pv, thw = make_batch(np.random.default_rng(1), voc, 4)
+        pos, _ = model.get_rope_index(ids, thw, None, attn)
+        x = torch.randn(ids.shape + (model.config.hidden_size,), generator=torch.Generator().manual_seed(0))
+        ref = model.model(inputs_embeds=x, position_ids=pos, attention_mask=attn, use_cache=False).last_hidden_state
+        d = (fast_text(model.model, x, pos) - ref)[attn.bool()].abs().max().item()
+        assert d < 1e-4, f"fast_text differs from HF by {d}"
     print(f"used ids {len(voc.used)}, unused {voc.n_unused}; params (compact) "
           f"{sum(p.numel() for n, p in tr.named_parameters() if 'embed_tokens' not in n and 'lm_head' not in n)}",
           flush=True)
-    secs = train(tr, voc, args.steps, args.batch, args.lr, log_every=25, seed=args.seed, resume=bool(args.resume))
-    print(f"training: {args.steps} steps x {args.batch} frames in {secs:.0f} s ({secs / 60:.1f} min)", flush=True)
+    load0, cpu0 = os.getloadavg(), time.process_time()
+    secs = train(tr, voc, args.steps, args.batch, args.lr, log_every=25, seed=args.seed, resume=bool(args.resume),
+                 sharp_at=args.sharp_at)
+    cpu = time.process_time() - cpu0
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load1 = os.getloadavg()
+    print(f"training: {args.steps} steps x {args.batch} frames in {secs:.0f} s wall ({secs / 60:.1f} min); CPU "
+          f"{cpu:.0f} s trainer + {kids.ru_utime + kids.ru_stime:.0f} s data process; load average (1/5/15 min) "
+          f"{'/'.join(f'{v:.2f}' for v in load0)} at start, {'/'.join(f'{v:.2f}' for v in load1)} at end",
+          flush=True)
+    args.cpu_s = dict(trainer=round(cpu), data=round(kids.ru_utime + kids.ru_stime))
+    args.load = dict(start=[round(v, 2) for v in load0], end=[round(v, 2) for v in load1])
     model.eval()
     tr.export()
     with torch.no_grad():  # the checkpoint is bf16: evaluate and reference the rounded weights, in f32
@@ -579,6 +632,7 @@ def main():
     if args.no_write:
         return
     write_fixture(model, cfg, voc, Path(args.out), scores, secs, args)
+    print(f"total: {time.time() - T0:.0f} s wall, {time.process_time():.0f} s CPU in this process", flush=True)
 
 
 def write_fixture(model, cfg, voc, out, scores, secs, args):
@@ -623,7 +677,8 @@ def write_fixture(model, cfg, voc, out, scores, secs, args):
         categories=CATS, grid_px=GRID, max_new_tokens=MAX_NEW, repetition_penalty=gmf.REP_PENALTY,
         training=dict(stages=args.stages + [dict(
             steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, resume=bool(args.resume),
-            seconds=round(secs), torch=torch.__version__, threads=torch.get_num_threads())]),
+            sharp_at=args.sharp_at, seconds=round(secs), cpu_seconds=args.cpu_s, load_average=args.load,
+            torch=torch.__version__, threads=torch.get_num_threads())]),
         model=MODEL_SPEC, heldout_scores=scores, reference_case_scores=ref_scores, cases=meta,
     )
     (out / "cases.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -371,10 +371,12 @@ fn bf16_greedy_agrees_with_f32() {
          the agreeing prefixes, EOS on {eos}/{n}, boxes at most {worst_px:.1} px from f32's",
         100.0 * same as f64 / n as f64
     );
-    // Issue 18 asks for 90 %. Measured on this checkpoint: 30/32 (94 %, 2026-11-30, packed bf16 GEMM; the two
-    // misses, clip05 and clip10, each move one coordinate by one grid step; 31/32 with the older row kernel). transformers' own bf16 gets 26/32 with sdpa and 27/32 with eager attention
-    // (tests/reference/hf_bf16_agreement.py): our path rounds less than it does (model/numerics.rs, attention.rs,
-    // cpu_bf16::linear_forward_f32). Before those fixes ours was 26/32 and this assertion failed.
+    // Issue 18 asks for 90 %. Measured on this checkpoint (the one-run 2800-step fixture, 2026-11-30, packed bf16
+    // GEMM): 30/32 (94 %; the two misses, clip16 and clip19, each move one coordinate by one grid step).
+    // transformers' own bf16 gets 30/32 with sdpa and with eager attention (tests/reference/hf_bf16_agreement.py).
+    // On the previous two-stage checkpoint ours was 30/32 against HF's 26/32 (sdpa) and 27/32 (eager): our path
+    // rounds less than HF's (model/numerics.rs, attention.rs, cpu_bf16::linear_forward_f32); before those fixes
+    // ours was 26/32 there and this assertion failed.
     assert!(
         same * 10 >= n * 9,
         "bf16 greedy ids equal f32's on only {same}/{n} frames (want >= 90 %)"
