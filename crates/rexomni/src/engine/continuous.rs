@@ -74,7 +74,7 @@ pub struct ContinuousSession {
     finished: Vec<Finished>,
     next_ticket: Ticket,
     forward_passes: usize,
-    /// Most draft ids verified per row in one pass.
+    /// Most draft ids verified per row in one pass ([`DEFAULT_DRAFT_BLOCK`], as the worker's static batches).
     draft_block: usize,
     /// Blocks are exact for this model (drafts are used), from [`drafts_are_exact`].
     use_drafts: bool,
@@ -103,15 +103,6 @@ impl ContinuousSession {
             use_drafts: drafts_are_exact(model),
             vocab: model.cfg.text.vocab_size,
         })
-    }
-
-    /// Most draft ids verified per row in one pass (0 = [`DEFAULT_DRAFT_BLOCK`]).
-    pub fn set_draft_block(&mut self, block: usize) {
-        self.draft_block = if block == 0 {
-            DEFAULT_DRAFT_BLOCK
-        } else {
-            block
-        };
     }
 
     pub fn max_batch(&self) -> usize {
