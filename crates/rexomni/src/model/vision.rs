@@ -16,7 +16,9 @@ use super::numerics::{self, RmsNorm};
 use super::rope;
 use super::vision_cpu;
 
-/// Temporary per-op timers (REXOMNI_VISION_PROFILE=1).
+/// Per-op wall times of the vision tower, printed to stderr after each forward when `REXOMNI_VISION_PROFILE`
+/// is set (docs/benchmarks.md, "bf16 vision on the CPU"): where the time goes, without a profiler. Off, each
+/// timer is one cached flag test.
 pub(crate) mod prof {
     use std::sync::Mutex;
     use std::time::Instant;
