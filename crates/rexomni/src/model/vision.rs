@@ -94,13 +94,27 @@ struct Layout {
     full_seqs: Vec<(usize, usize)>,
 }
 
+/// Which ops a bf16 CPU forward runs: 0 = not decided yet, 1 = `vision_cpu`'s kernels, 2 = candle's ops.
+static OPS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 /// Whether the bf16 CPU kernels of `vision_cpu` run (default), or candle's ops as before
-/// (`REXOMNI_VISION_CPU=candle`, only so that one binary can measure both; docs/benchmarks.md).
+/// (`REXOMNI_VISION_CPU=candle`, or [`set_own_kernels`]), only so that one binary can measure both
+/// (docs/benchmarks.md, "bf16 vision on the CPU").
 fn own_kernels(x: &Tensor) -> bool {
-    static PREVIOUS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let previous =
-        *PREVIOUS.get_or_init(|| std::env::var("REXOMNI_VISION_CPU").is_ok_and(|v| v == "candle"));
-    !previous && vision_cpu::applies(x)
+    use std::sync::atomic::Ordering;
+    let mut ops = OPS.load(Ordering::Relaxed);
+    if ops == 0 {
+        let candle = std::env::var("REXOMNI_VISION_CPU").is_ok_and(|v| v == "candle");
+        ops = if candle { 2 } else { 1 };
+        OPS.store(ops, Ordering::Relaxed);
+    }
+    ops == 1 && vision_cpu::applies(x)
+}
+
+/// Switches the bf16 CPU vision ops for the following forwards (`rexbench --vision-ab`: before and after in
+/// one process, alternating).
+pub fn set_own_kernels(on: bool) {
+    OPS.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl Block {
