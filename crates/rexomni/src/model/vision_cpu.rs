@@ -424,7 +424,7 @@ fn exp_lane(x: f32) -> f32 {
         .mul_add(r, 8.333_452e-3)
         .mul_add(r, 4.166_579_6e-2)
         .mul_add(r, 1.666_666_5e-1)
-        .mul_add(r, 5.000_000_1e-1);
+        .mul_add(r, 0.5);
     let y = (p * r).mul_add(r, r) + 1.0;
     y * two_n
 }
