@@ -17,6 +17,7 @@ mod drafts;
 mod measure;
 mod random_weights;
 mod scenarios;
+mod vision_ab;
 
 use std::path::PathBuf;
 
@@ -103,6 +104,10 @@ struct Args {
     /// With --continuous: frames served per mode (rounded up to whole static batches).
     #[arg(long, default_value_t = 16)]
     continuous_frames: usize,
+    /// Time the vision tower with the bf16 CPU kernels and with candle's ops as before, alternating in one
+    /// process, this many rounds each, instead of the stage measurements; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    vision_ab: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -197,6 +202,9 @@ fn main() -> anyhow::Result<()> {
             eprintln!("rexbench: wrote {}", path.display());
         }
         return Ok(());
+    }
+    if args.vision_ab > 0 {
+        return vision_ab::run(&model, (w, h), args.vision_ab);
     }
     if args.scenarios {
         let rows = scenarios::run(Some((&model, &tokenizer)), &scenario_plan)?;

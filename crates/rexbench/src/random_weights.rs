@@ -46,8 +46,11 @@ impl RandomWeights {
 
     fn values(&self, name: &str, n: usize, init: Init) -> Vec<f32> {
         match init {
-            // Norm weights are built with `Init::Const(1.)`: keep them, random norms would only add noise.
-            Init::Const(c) => vec![c as f32; n],
+            // Norm weights are built with `Init::Const(1.)`: keep them, random norms would only add noise. Biases
+            // come with `VarBuilder::get`'s default hint, `Const(0.)`: zero, as HF initialises them. So do the
+            // linear and patch-embedding weights (`get` without a hint): those must be random, or every
+            // benchmark (and a saved checkpoint) runs all-zero layers.
+            Init::Const(c) if c != 0.0 || !name.ends_with("weight") => vec![c as f32; n],
             _ => {
                 // Uniform with the same variance as N(0, std²): cheap, and the benchmark only needs realistic
                 // magnitudes, not a distribution.
@@ -163,6 +166,19 @@ mod tests {
         assert!(a.iter().all(|v| v.abs() <= bound));
         let mean = a.iter().sum::<f32>() / a.len() as f32;
         assert!(mean.abs() < bound / 2.0, "mean {mean}");
+    }
+
+    /// `VarBuilder::get` without a hint asks for `Const(0.)`: a weight still gets random values, a bias stays
+    /// zero.
+    #[test]
+    fn weights_asked_without_a_hint_are_random() {
+        let w = RandomWeights::new(7, false);
+        let qkv = w.values("visual.blocks.0.attn.qkv.weight", 64, Init::Const(0.));
+        assert!(qkv.iter().filter(|v| **v != 0.0).count() > 60, "{qkv:?}");
+        assert_eq!(
+            w.values("visual.blocks.0.attn.qkv.bias", 4, Init::Const(0.)),
+            vec![0.0; 4]
+        );
     }
 
     #[test]

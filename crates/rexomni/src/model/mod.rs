@@ -18,6 +18,7 @@ pub mod numerics;
 pub mod rope;
 pub mod text;
 pub mod vision;
+pub mod vision_cpu;
 
 use std::path::PathBuf;
 

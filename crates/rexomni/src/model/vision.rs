@@ -14,6 +14,47 @@ use super::config::VisionConfig;
 use super::linear::{Linear, LinearLoader};
 use super::numerics::{self, RmsNorm};
 use super::rope;
+use super::vision_cpu;
+
+/// Per-op wall times of the vision tower, printed to stderr after each forward when `REXOMNI_VISION_PROFILE`
+/// is set (docs/benchmarks.md, "bf16 vision on the CPU"): where the time goes, without a profiler. Off, each
+/// timer is one cached flag test.
+pub(crate) mod prof {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static T: Mutex<Vec<(&'static str, f64)>> = Mutex::new(Vec::new());
+    pub fn on() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("REXOMNI_VISION_PROFILE").is_some())
+    }
+    pub fn t<T>(label: &'static str, f: impl FnOnce() -> T) -> T {
+        if !on() {
+            return f();
+        }
+        let s = Instant::now();
+        let r = f();
+        let ms = s.elapsed().as_secs_f64() * 1e3;
+        let mut v = T.lock().unwrap();
+        match v.iter_mut().find(|e| e.0 == label) {
+            Some(e) => e.1 += ms,
+            None => v.push((label, ms)),
+        }
+        r
+    }
+    pub fn dump() {
+        if !on() {
+            return;
+        }
+        let mut v = T.lock().unwrap();
+        let total: f64 = v.iter().map(|e| e.1).sum();
+        for (l, ms) in v.iter() {
+            eprintln!("vision-prof {l:<24} {ms:>10.1} ms");
+        }
+        eprintln!("vision-prof total(sum)               {total:>10.1} ms");
+        v.clear();
+    }
+}
+use prof::t;
 
 struct Block {
     norm1: RmsNorm,
@@ -42,6 +83,38 @@ struct Layout {
     mask: Option<Tensor>,
     n_windows: usize,
     wmax: usize,
+    /// Rows per image.
+    n: usize,
+    /// `cos`/`sin` as `[n, head_dim / 2]` f32 values for [`vision_cpu::attention`].
+    cos_v: Vec<f32>,
+    sin_v: Vec<f32>,
+    /// Row ranges of the windows of every image, in order (window-attention blocks).
+    win_seqs: Vec<(usize, usize)>,
+    /// One range per image (full-attention blocks).
+    full_seqs: Vec<(usize, usize)>,
+}
+
+/// Which ops a bf16 CPU forward runs: 0 = not decided yet, 1 = `vision_cpu`'s kernels, 2 = candle's ops.
+static OPS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the bf16 CPU kernels of `vision_cpu` run (default), or candle's ops as before
+/// (`REXOMNI_VISION_CPU=candle`, or [`set_own_kernels`]), only so that one binary can measure both
+/// (docs/benchmarks.md, "bf16 vision on the CPU").
+fn own_kernels(x: &Tensor) -> bool {
+    use std::sync::atomic::Ordering;
+    let mut ops = OPS.load(Ordering::Relaxed);
+    if ops == 0 {
+        let candle = std::env::var("REXOMNI_VISION_CPU").is_ok_and(|v| v == "candle");
+        ops = if candle { 2 } else { 1 };
+        OPS.store(ops, Ordering::Relaxed);
+    }
+    ops == 1 && vision_cpu::applies(x)
+}
+
+/// Switches the bf16 CPU vision ops for the following forwards (`rexbench --vision-ab`: before and after in
+/// one process, alternating).
+pub fn set_own_kernels(on: bool) {
+    OPS.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl Block {
@@ -61,12 +134,29 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, lay: &Layout, full: bool) -> Result<Tensor> {
-        let h = x.add(&self.attn(&self.norm1.forward(x)?, lay, full)?)?;
-        let n = self.norm2.forward(&h)?;
-        let m = self
-            .down
-            .forward(&(numerics::silu(&self.gate.forward(&n)?)? * self.up.forward(&n)?)?)?;
-        h.add(&m)
+        let own = own_kernels(x);
+        let add = |a: &Tensor, b: &Tensor| {
+            if own {
+                vision_cpu::add(a, b)
+            } else {
+                a.add(b)
+            }
+        };
+        let n1 = t("norm", || self.norm1.forward(x))?;
+        let a = self.attn(&n1, lay, full)?;
+        let h = t("residual", || add(x, &a))?;
+        let n = t("norm", || self.norm2.forward(&h))?;
+        let g = t("mlp gate/up linear", || self.gate.forward(&n))?;
+        let u = t("mlp gate/up linear", || self.up.forward(&n))?;
+        let gu = t("mlp silu*mul", || {
+            if own {
+                vision_cpu::silu_mul(&g, &u)
+            } else {
+                numerics::silu(&g)? * u
+            }
+        })?;
+        let m = t("mlp down linear", || self.down.forward(&gu))?;
+        t("residual", || add(&h, &m))
     }
 
     fn attn(&self, x: &Tensor, lay: &Layout, full: bool) -> Result<Tensor> {
@@ -74,10 +164,23 @@ impl Block {
         let (imgs, n) = (lay.images, rows / lay.images);
         let dtype = x.dtype();
         // qkv rows are [q | k | v], each heads × head_dim (spec §2.4).
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((imgs, n, 3, self.heads, self.head_dim))?;
+        let qkv = t("qkv linear", || self.qkv.forward(x))?;
+        if own_kernels(x) {
+            let seqs = if full { &lay.full_seqs } else { &lay.win_seqs };
+            let out = t("attend (own)", || {
+                vision_cpu::attention(
+                    &qkv,
+                    &lay.cos_v,
+                    &lay.sin_v,
+                    lay.n,
+                    seqs,
+                    self.heads,
+                    self.head_dim,
+                )
+            })?;
+            return t("proj linear", || self.proj.forward(&out));
+        }
+        let qkv = qkv.reshape((imgs, n, 3, self.heads, self.head_dim))?;
         // [images, heads, N, hd]; RoPE in f32 then back to the model dtype (HF apply_rotary_pos_emb_vision).
         let part = |i: usize| -> Result<Tensor> {
             qkv.narrow(2, i, 1)?
@@ -89,12 +192,15 @@ impl Block {
             candle_nn::rotary_emb::rope(&t.to_dtype(DType::F32)?, &lay.cos, &lay.sin)?
                 .to_dtype(dtype)
         };
-        let q = rot(part(0)?)?;
-        let k = rot(part(1)?)?;
-        let v = part(2)?;
+        let q = t("rope+split", || rot(part(0)?))?;
+        let k = t("rope+split", || rot(part(1)?))?;
+        let v = t("rope+split", || part(2))?;
         let out = if full {
             // One sequence per image: cu_seqlens = [0, N] (spec §2.2 step 5), no mask.
-            attend(&q, &k, &v, MAX_SCORE_ELEMS, |_, _| Ok(None))?.transpose(1, 2)?
+            t("attend full", || {
+                attend(&q, &k, &v, MAX_SCORE_ELEMS, |_, _| Ok(None))
+            })?
+            .transpose(1, 2)?
         } else {
             // Batch the windows: [nw, heads, wmax, hd], padded keys masked out, padded query rows dropped.
             let (nw, w) = (lay.n_windows, lay.wmax);
@@ -107,14 +213,21 @@ impl Block {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let o = attend(&win(&q)?, &win(&k)?, &win(&v)?, MAX_SCORE_ELEMS, |_, _| {
-                Ok(lay.mask.clone())
+            let (wq, wk, wv) = t("window gather", || -> Result<_> {
+                Ok((win(&q)?, win(&k)?, win(&v)?))
             })?;
-            o.transpose(1, 2)?
-                .reshape((nw * w, self.heads, self.head_dim))?
-                .index_select(&lay.valid, 0)?
+            let o = t("attend windows", || {
+                attend(&wq, &wk, &wv, MAX_SCORE_ELEMS, |_, _| Ok(lay.mask.clone()))
+            })?;
+            t("window scatter", || {
+                o.transpose(1, 2)?
+                    .reshape((nw * w, self.heads, self.head_dim))?
+                    .index_select(&lay.valid, 0)
+            })?
         };
-        self.proj.forward(&out.reshape((rows, hidden))?)
+        t("proj linear", || {
+            self.proj.forward(&out.reshape((rows, hidden))?)
+        })
     }
 }
 
@@ -190,7 +303,7 @@ impl VisionTower {
         }
         let dev = self.patch_w.device().clone();
         let unit = merge * merge;
-        let lay = self.layout(gh, gw, imgs, &dev)?;
+        let lay = t("layout", || self.layout(gh, gw, imgs, &dev))?;
         let widx = rope::window_index(gh, gw, merge, cfg.window_size / merge / cfg.patch_size);
         let perm: Vec<u32> = (0..imgs)
             .flat_map(|img| {
@@ -210,16 +323,19 @@ impl VisionTower {
         } else {
             Tensor::cat(&xs, 0)?
         };
-        let mut x = x.matmul(&self.patch_w.t()?)?.index_select(&perm, 0)?;
+        // The patch embedding stays on candle's matmul in bf16 too: on the packed GEMM (another summation
+        // order) the tiny detector's bf16 greedy answers agreed with f32 on 29/32 frames instead of 30/32.
+        let mut x = t("patch embed", || x.matmul(&self.patch_w.t()?))?;
+        x = t("permute", || x.index_select(&perm, 0))?;
         for (i, b) in self.blocks.iter().enumerate() {
             x = b.forward(&x, &lay, cfg.fullatt_block_indexes.contains(&i))?;
         }
         let m = n / unit;
-        let x = self
-            .ln_q
-            .forward(&x)?
+        let x = t("merger norm", || self.ln_q.forward(&x))?
             .reshape((imgs * m, cfg.hidden_size * unit))?;
-        let x = self.mlp2.forward(&self.mlp0.forward(&x)?.gelu_erf()?)?;
+        let x0 = t("merger linear", || self.mlp0.forward(&x))?;
+        let x0 = t("merger gelu", || x0.gelu_erf())?;
+        let x = t("merger linear", || self.mlp2.forward(&x0))?;
         // reverse = argsort(window_index) (spec §2.2 step 8), per image.
         let mut rev = vec![0u32; imgs * m];
         for img in 0..imgs {
@@ -228,6 +344,7 @@ impl VisionTower {
             }
         }
         let x = x.index_select(&Tensor::from_vec(rev, imgs * m, &dev)?, 0)?;
+        prof::dump();
         (0..imgs).map(|img| x.narrow(0, img * m, m)).collect()
     }
 
@@ -271,10 +388,21 @@ impl VisionTower {
             }
         }
         let padded = mask.iter().any(|m| m.is_infinite());
+        let win_seqs = (0..images)
+            .flat_map(|img| cu.windows(2).map(move |w| (img * n + w[0], img * n + w[1])))
+            .collect();
+        let full_seqs = (0..images).map(|img| (img * n, (img + 1) * n)).collect();
+        let cos = ang.cos()?;
+        let sin = ang.sin()?;
         Ok(Layout {
             images,
-            cos: ang.cos()?,
-            sin: ang.sin()?,
+            n,
+            cos_v: cos.flatten_all()?.to_vec1::<f32>()?,
+            sin_v: sin.flatten_all()?.to_vec1::<f32>()?,
+            win_seqs,
+            full_seqs,
+            cos,
+            sin,
             gather: Tensor::from_vec(gather, images * nw * wmax, dev)?,
             valid: Tensor::from_vec(valid, images * n, dev)?,
             mask: if padded {
