@@ -51,7 +51,9 @@ pub fn run(model: &Qwen25Vl, (w, h): (u32, u32), rounds: usize) -> anyhow::Resul
         );
         let d = (x - &y)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let top = y.abs()?.max_all()?.to_scalar::<f32>()?;
-        println!("vision-ab image embeddings: max |difference| {d:.3e} (largest |value| {top:.3e})");
+        println!(
+            "vision-ab image embeddings: max |difference| {d:.3e} (largest |value| {top:.3e})"
+        );
     }
     Ok(())
 }
