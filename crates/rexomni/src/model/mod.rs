@@ -299,6 +299,22 @@ impl Qwen25Vl {
             });
         }
         let l = tokens.len() / b;
+        let (embeds, cos, sin) = self.block_inputs(tokens, first_positions, l)?;
+        let mask = key_mask.cloned();
+        let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
+        let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
+        Ok(self.text.logits(&hidden)?)
+    }
+
+    /// Embeddings `[B, l, H]` and rotary `cos`/`sin` `[B, l, head_dim/2]` of a pass of `l` ids per row, row `i`'s
+    /// ids at text positions `first_positions[i]..+l` (decode ids: the same position on all three M-RoPE axes).
+    fn block_inputs(
+        &self,
+        tokens: &[u32],
+        first_positions: &[u32],
+        l: usize,
+    ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
+        let b = first_positions.len();
         let ids = Tensor::from_vec(tokens.to_vec(), (b, l), &self.device)?;
         let embeds = self.text.embed(&ids)?;
         let pos: Vec<[u32; 3]> = first_positions
@@ -307,11 +323,11 @@ impl Qwen25Vl {
             .collect();
         let (cos, sin) = self.cos_sin(&pos)?;
         let half = cos.dim(1)?;
-        let (cos, sin) = (cos.reshape((b, l, half))?, sin.reshape((b, l, half))?);
-        let mask = key_mask.cloned();
-        let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
-        let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
-        Ok(self.text.logits(&hidden)?)
+        Ok((
+            embeds,
+            cos.reshape((b, l, half))?,
+            sin.reshape((b, l, half))?,
+        ))
     }
 
     /// An empty [`KvSlots`] cache for this model: `slots` rows of `capacity` columns (grown on demand).
@@ -404,15 +420,7 @@ impl Qwen25Vl {
                 .decode_slots(tokens, first_positions, rows, slots)?
                 .unsqueeze(1)?);
         }
-        let ids = Tensor::from_vec(tokens.to_vec(), (b, l), &self.device)?;
-        let embeds = self.text.embed(&ids)?;
-        let pos: Vec<[u32; 3]> = first_positions
-            .iter()
-            .flat_map(|&p| (0..l as u32).map(move |i| [p + i; 3]))
-            .collect();
-        let (cos, sin) = self.cos_sin(&pos)?;
-        let half = cos.dim(1)?;
-        let (cos, sin) = (cos.reshape((b, l, half))?, sin.reshape((b, l, half))?);
+        let (embeds, cos, sin) = self.block_inputs(tokens, first_positions, l)?;
         let hidden = self
             .text
             .forward_slots(&embeds, &cos, &sin, None, slots, rows)?;

@@ -161,34 +161,8 @@ impl Attention {
             // `[B, 1, l, T]`: causal within the block and hiding each row's padding / rolled-back slots.
             let m = mask(0, l)?;
             if x.device().is_cpu() {
-                // Position by position, with exactly the operands of a one-token step (keys cut to the slots
-                // that step would have, contiguous, same grouping), so each row's scores, softmax and weighted
-                // sum are the step's bit for bit: candle's CPU softmax sums in 32-lane chunks plus a scalar
-                // tail, so even masked trailing keys would change the order of the additions.
-                let t = k.dim(2)? - l;
-                let mut outs = Vec::with_capacity(l);
-                for i in 0..l {
-                    let qi = q.narrow(2, i, 1)?.contiguous()?.reshape((
-                        b,
-                        self.kv_heads,
-                        rep,
-                        self.head_dim,
-                    ))?;
-                    let ki = k.narrow(2, 0, t + i + 1)?.contiguous()?;
-                    let vi = v.narrow(2, 0, t + i + 1)?.contiguous()?;
-                    let mi = match &m {
-                        Some(m) => Some(m.narrow(2, i, 1)?.narrow(3, 0, t + i + 1)?.contiguous()?),
-                        None => None,
-                    };
-                    let mask_i = move |_: usize, _: usize| Ok(mi.clone());
-                    outs.push(attend(&qi, &ki, &vi, MAX_SCORE_ELEMS, mask_i)?.reshape((
-                        b,
-                        self.heads,
-                        1,
-                        self.head_dim,
-                    ))?);
-                }
-                Tensor::cat(&outs, 2)?
+                // Each position exactly as the one-token step that would produce it.
+                self.attend_position_by_position(&q, &k, &v, k.dim(2)? - l, m.as_ref())?
             } else {
                 // One call for the whole block, the query heads grouped as in a decode step: rows `r·l + i` of
                 // kv head `g` are query head `g·rep + r` at block position `i`; the mask is tiled to match. On
@@ -222,6 +196,45 @@ impl Attention {
 }
 
 impl Attention {
+    /// Attention of a block of `l` query positions (`q` `[B, heads, l, d]`) over `t` cached keys plus the block's
+    /// own, position by position with exactly the operands of a one-token decode step: keys and values cut to
+    /// `t + i + 1` columns and made contiguous, query heads grouped over their kv head, `mask` (`[B, 1, l, ≥ t + l]`)
+    /// cut to match. Each position's scores, softmax and weighted sum are then that step's bit for bit (candle's
+    /// CPU softmax sums in 32-lane chunks plus a scalar tail, so even masked trailing keys would reorder the
+    /// additions). Out: `[B, heads, l, d]`.
+    fn attend_position_by_position(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        t: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, _, l, _) = q.dims4()?;
+        let rep = self.heads / self.kv_heads;
+        let mut outs = Vec::with_capacity(l);
+        for i in 0..l {
+            let qi =
+                q.narrow(2, i, 1)?
+                    .contiguous()?
+                    .reshape((b, self.kv_heads, rep, self.head_dim))?;
+            let ki = k.narrow(2, 0, t + i + 1)?.contiguous()?;
+            let vi = v.narrow(2, 0, t + i + 1)?.contiguous()?;
+            let mi = match mask {
+                Some(m) => Some(m.narrow(2, i, 1)?.narrow(3, 0, t + i + 1)?.contiguous()?),
+                None => None,
+            };
+            let mask_i = move |_: usize, _: usize| Ok(mi.clone());
+            outs.push(attend(&qi, &ki, &vi, MAX_SCORE_ELEMS, mask_i)?.reshape((
+                b,
+                self.heads,
+                1,
+                self.head_dim,
+            ))?);
+        }
+        Tensor::cat(&outs, 2)
+    }
+
     /// One decode pass over preallocated [`KvSlots`] (continuous batching): row `i` of `x` (`[B, l, H]`) is slot
     /// `rows[i]`; its `l` new keys and values are written in place from column `lens[i]` (its own length).
     /// - `l == 1`, a step: every row attends to columns `0..t` (`t` = longest row + 1), `mask` `[B, 1, 1, t]`
@@ -292,27 +305,12 @@ impl Attention {
             for (i, (&s, &len)) in rows.iter().zip(lens).enumerate() {
                 let qi = q.narrow(0, i, 1)?;
                 let (ks, vs) = (k_all.narrow(0, s, 1)?, v_all.narrow(0, s, 1)?);
-                let o =
-                    if x.device().is_cpu() {
-                        let mut per_position = Vec::with_capacity(l);
-                        for p in 0..l {
-                            let qp = qi.narrow(2, p, 1)?.contiguous()?.reshape((
-                                1,
-                                self.kv_heads,
-                                rep,
-                                self.head_dim,
-                            ))?;
-                            let kp = ks.narrow(2, 0, len + p + 1)?.contiguous()?;
-                            let vp = vs.narrow(2, 0, len + p + 1)?.contiguous()?;
-                            per_position.push(
-                                attend(&qp, &kp, &vp, MAX_SCORE_ELEMS, |_, _| Ok(None))?
-                                    .reshape((1, self.heads, 1, self.head_dim))?,
-                            );
-                        }
-                        Tensor::cat(&per_position, 2)?
-                    } else {
-                        // Rows `r·l + p` of kv head `g` are query head `g·rep + r` at block position `p`.
-                        let causal: Vec<f32> = (0..rep)
+                let o = if x.device().is_cpu() {
+                    self.attend_position_by_position(&qi, &ks, &vs, len, None)?
+                } else {
+                    // Rows `r·l + p` of kv head `g` are query head `g·rep + r` at block position `p`.
+                    let causal: Vec<f32> =
+                        (0..rep)
                             .flat_map(|_| {
                                 (0..l).flat_map(move |p| {
                                     (0..len + l).map(move |j| {
@@ -325,17 +323,17 @@ impl Attention {
                                 })
                             })
                             .collect();
-                        let m = Tensor::from_vec(causal, (1, 1, rep * l, len + l), x.device())?;
-                        let grouped = qi.reshape((1, self.kv_heads, rep * l, self.head_dim))?;
-                        let (kr, vr) = (ks.narrow(2, 0, len + l)?, vs.narrow(2, 0, len + l)?);
-                        let mask_g = move |start: usize, n: usize| m.narrow(2, start, n).map(Some);
-                        attend(&grouped, &kr, &vr, MAX_SCORE_ELEMS, mask_g)?.reshape((
-                            1,
-                            self.heads,
-                            l,
-                            self.head_dim,
-                        ))?
-                    };
+                    let m = Tensor::from_vec(causal, (1, 1, rep * l, len + l), x.device())?;
+                    let grouped = qi.reshape((1, self.kv_heads, rep * l, self.head_dim))?;
+                    let (kr, vr) = (ks.narrow(2, 0, len + l)?, vs.narrow(2, 0, len + l)?);
+                    let mask_g = move |start: usize, n: usize| m.narrow(2, start, n).map(Some);
+                    attend(&grouped, &kr, &vr, MAX_SCORE_ELEMS, mask_g)?.reshape((
+                        1,
+                        self.heads,
+                        l,
+                        self.head_dim,
+                    ))?
+                };
                 outs.push(o);
             }
             Tensor::cat(&outs, 0)?
