@@ -213,22 +213,45 @@ impl CustomOp2 for Bf16RowsTimesWeightT {
         let (CpuStorage::BF16(x), CpuStorage::BF16(w)) = (s1, s2) else {
             candle_core::bail!("{}: both operands must be bf16", self.name())
         };
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("{}: x is [{m}, {k}] but w is [{n}, {k2}]", self.name())
-        }
-        let (Some((xa, xb)), Some((wa, wb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("{}: operands must be contiguous", self.name())
-        };
-        let out = rows_times_weight_t(&x[xa..xb], &w[wa..wb], m, k, n);
+        let RowsTimesWeightT { m, k, n, x, w } = RowsTimesWeightT::of(self.name(), x, l1, w, l2)?;
+        let out = rows_times_weight_t(x, w, m, k, n);
         let out = if self.f32_out {
             CpuStorage::F32(out)
         } else {
             CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect())
         };
         Ok((out, Shape::from((m, n))))
+    }
+}
+
+/// The operands of an `x [m, k] · w [n, k]ᵀ` custom op (this file's and cpu_f32.rs's), checked: both 2-D with
+/// the same `k`, both contiguous; `x` and `w` are their elements.
+pub(super) struct RowsTimesWeightT<'a, T> {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub x: &'a [T],
+    pub w: &'a [T],
+}
+
+impl<'a, T> RowsTimesWeightT<'a, T> {
+    pub fn of(op: &str, x: &'a [T], l1: &Layout, w: &'a [T], l2: &Layout) -> Result<Self> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("{op}: x is [{m}, {k}] but w is [{n}, {k2}]")
+        }
+        let (Some((xa, xb)), Some((wa, wb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("{op}: operands must be contiguous")
+        };
+        Ok(Self {
+            m,
+            k,
+            n,
+            x: &x[xa..xb],
+            w: &w[wa..wb],
+        })
     }
 }
 

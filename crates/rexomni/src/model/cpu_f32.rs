@@ -20,6 +20,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
 
+use super::cpu_bf16::RowsTimesWeightT;
+
 /// Above this many rows the weight is reused enough that candle's packed GEMM is faster.
 pub const MAX_ROWS: usize = 64;
 
@@ -50,16 +52,8 @@ impl CustomOp2 for F32RowsTimesWeightT {
         let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
             candle_core::bail!("{}: both operands must be f32", self.name())
         };
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("{}: x is [{m}, {k}] but w is [{n}, {k2}]", self.name())
-        }
-        let (Some((xa, xb)), Some((wa, wb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("{}: operands must be contiguous", self.name())
-        };
-        let out = rows_times_weight_t(&x[xa..xb], &w[wa..wb], m, k, n);
+        let RowsTimesWeightT { m, k, n, x, w } = RowsTimesWeightT::of(self.name(), x, l1, w, l2)?;
+        let out = rows_times_weight_t(x, w, m, k, n);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
