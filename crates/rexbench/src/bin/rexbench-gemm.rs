@@ -2,7 +2,8 @@
 //! kernel, the `gemmkit` crate and rexomni's packed GEMM (gemm_bf16.rs), in one process so the ratios share
 //! the machine's state; then f32 at the decode shapes: candle against rexomni's few-row kernel (cpu_f32.rs).
 //!
-//! In: nothing (random bf16 operands; `--quick` for fewer shapes, `--f32` for the f32 table only). Out: one table on stdout, ms per call (the
+//! In: nothing (random bf16 operands; `--quick` for fewer shapes, `--f32` for the f32 table only, `--levels`
+//! for rexomni's packed GEMM on each instruction-set level of this CPU only: AMX, AVX-512 BF16, AVX2+FMA). Out: one table on stdout, ms per call (the
 //! fastest of the repeats: the machine is shared, and the minimum is the least disturbed) and GFLOP/s
 //! (2·m·k·n). Runs on the main thread and the rayon pool (`RAYON_NUM_THREADS`).
 //!
@@ -57,12 +58,8 @@ fn max_rel_diff(a: &[bf16], b: &[bf16]) -> f32 {
         / scale
 }
 
-fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    if std::env::args().any(|a| a == "--f32") {
-        return f32_table(quick);
-    }
-    // (what, m, k, n) at the real 3B config; vision rows for a 640×480 frame (1564 patches, 391 merged).
+/// (what, m, k, n) at the real 3B config; vision rows for a 640×480 frame (1564 patches, 391 merged).
+fn bf16_shapes(quick: bool) -> Vec<(&'static str, usize, usize, usize)> {
     let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
         ("decode gate/up", 1, 2048, 11008),
         ("decode gate/up", 4, 2048, 11008),
@@ -82,6 +79,18 @@ fn main() -> anyhow::Result<()> {
     if quick {
         shapes.retain(|s| [1, 4, 512].contains(&s.1) && s.0 != "lm_head");
     }
+    shapes
+}
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--f32") {
+        return f32_table(quick);
+    }
+    if std::env::args().any(|a| a == "--levels") {
+        return levels_table(quick);
+    }
+    let shapes = bf16_shapes(quick);
     let budget = Duration::from_millis(if quick { 300 } else { 1000 });
     let levels = Level::available();
     println!(
@@ -175,6 +184,64 @@ fn main() -> anyhow::Result<()> {
         );
     }
     f32_table(quick)?;
+    Ok(())
+}
+
+/// rexomni's packed bf16 GEMM on every level this CPU runs, at the bf16 table's shapes, levels alternating
+/// per shape so they share the machine's state; the last column is the fastest level against AVX-512 BF16
+/// (the level before AMX), and the largest difference between the two levels' results.
+fn levels_table(quick: bool) -> anyhow::Result<()> {
+    let levels: Vec<Level> = Level::available()
+        .into_iter()
+        .filter(|&l| l != Level::Scalar)
+        .collect();
+    let budget = Duration::from_millis(if quick { 300 } else { 1000 });
+    println!(
+        "# packed bf16 x·Wᵀ per level, {} rayon threads; best-of-repeats ms (GFLOP/s, GB/s of packed weight)",
+        rayon::current_num_threads()
+    );
+    let names: Vec<String> = levels.iter().map(|l| l.name().to_string()).collect();
+    println!(
+        "| layer | m | k | n | {} | fastest vs avx512bf16 | max rel diff |",
+        names.join(" | ")
+    );
+    println!("|---|---|---|---|{}---|---|", "---|".repeat(levels.len()));
+    for (what, m, k, n) in bf16_shapes(quick) {
+        let (x, w) = (values(m * k, 1), values(n * k, 2));
+        let packed = PackedBf16::pack(&w, n, k);
+        let flop = 2.0 * (m * k * n) as f64;
+        let bytes = packed.packed_bytes() as f64;
+        let times: Vec<f64> = levels
+            .iter()
+            .map(|&l| {
+                best(budget, || {
+                    std::hint::black_box(packed.matmul_on(l, &x, m, None));
+                })
+            })
+            .collect();
+        let cells: Vec<String> = times
+            .iter()
+            .map(|ms| format!("{ms:.2} ({:.0}, {:.1})", flop / ms / 1e6, bytes / ms / 1e6))
+            .collect();
+        let base = levels.iter().position(|&l| l == Level::Avx512Bf16);
+        let (ratio, diff) = match base {
+            Some(b) => (
+                format!("{:.2}×", times[b] / times[0]),
+                format!(
+                    "{:.1e}",
+                    max_rel_diff(
+                        &packed.matmul_on(levels[0], &x, m, None),
+                        &packed.matmul_on(levels[b], &x, m, None)
+                    )
+                ),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {what} | {m} | {k} | {n} | {} | {ratio} | {diff} |",
+            cells.join(" | ")
+        );
+    }
     Ok(())
 }
 

@@ -12,8 +12,10 @@
 //! columns of f32 accumulators in zmm registers and, per feature pair, loads two weight vectors and
 //! broadcasts one `u32` of `x` per row. docs/benchmarks.md compares this against the `gemmkit` crate.
 //!
-//! The instruction set is chosen at run time ([`Level::best`]): AVX-512 BF16, else AVX2+FMA (the same
-//! packed layout, each bf16 widened to f32 by a shift), else portable scalar code. Whatever the level, every
+//! The instruction set is chosen at run time ([`Level::best`]): AMX tiles (`tdpbf16ps`, reading the same
+//! panels as tiles; see [`amx`]), else AVX-512 BF16, else AVX2+FMA (the same packed layout, each bf16 widened
+//! to f32 by a shift), else portable scalar code. Levels round a pair's products differently, so their bits
+//! differ slightly; one process uses one level for every call. Whatever the level, every
 //! output is one sequential chain over the feature pairs in order — independent of `m`, of the row block it
 //! falls in and of the thread that computes it — so a row's result does not depend on the other rows of the
 //! call (engine.rs's draft blocks rely on that; tested below).
@@ -35,6 +37,8 @@ const NC_MAX: usize = 8 * NR;
 /// The instruction set a call runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
+    /// AMX tiles (`tdpbf16ps`: a 16 × 32 bf16 tile times a 32 × 16 tile into 16 × 16 f32 in one instruction).
+    Amx,
     /// `vdpbf16ps` (AVX-512F + AVX-512 BF16).
     Avx512Bf16,
     /// bf16 widened to f32 by a shift, 256-bit FMA.
@@ -44,12 +48,26 @@ pub enum Level {
 }
 
 impl Level {
-    /// The fastest level this CPU runs, detected once.
+    /// The fastest level this CPU runs, detected once. `REXOMNI_BF16_LEVEL=<name>` (a [`Level::name`]) picks a
+    /// slower one instead, so one binary measures the levels against each other end to end.
     pub fn best() -> Level {
         static BEST: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
             let all = Level::available();
-            all[0]
+            match std::env::var("REXOMNI_BF16_LEVEL") {
+                Ok(want) => match all.iter().find(|l| l.name() == want) {
+                    Some(&l) => l,
+                    None => {
+                        tracing::warn!(
+                            requested = %want,
+                            available = ?all.iter().map(|l| l.name()).collect::<Vec<_>>(),
+                            "REXOMNI_BF16_LEVEL names no level this CPU runs; using the fastest."
+                        );
+                        all[0]
+                    }
+                },
+                Err(_) => all[0],
+            }
         })
     }
 
@@ -58,6 +76,9 @@ impl Level {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
+            if amx::usable() {
+                v.push(Level::Amx);
+            }
             if std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bf16")
             {
@@ -73,6 +94,7 @@ impl Level {
 
     pub fn name(self) -> &'static str {
         match self {
+            Level::Amx => "amx",
             Level::Avx512Bf16 => "avx512bf16",
             Level::Avx2Fma => "avx2+fma",
             Level::Scalar => "scalar",
@@ -86,7 +108,10 @@ pub struct PackedBf16 {
     k: usize,
     /// Feature pairs, `ceil(k / 2)`; an odd `k` pads the last pair with a zero.
     kp: usize,
-    /// `ceil(n / NR)` panels of `kp × NR` words; columns past `n` are zero.
+    /// Pairs per panel as stored: `kp` rounded up to a whole AMX tile ([`amx::PAIRS`]), the padding zero, so
+    /// a tile load never reads past a panel and the padded pairs add exact zeros.
+    kps: usize,
+    /// `ceil(n / NR)` panels of `kps × NR` words; columns past `n` are zero.
     data: Vec<u32>,
 }
 
@@ -114,9 +139,10 @@ impl PackedBf16 {
             w.len()
         );
         let kp = k.div_ceil(2);
+        let kps = kp.next_multiple_of(amx::PAIRS);
         let panels = n.div_ceil(NR);
-        let mut data = vec![0u32; panels * kp * NR];
-        data.par_chunks_mut(kp * NR)
+        let mut data = vec![0u32; panels * kps * NR];
+        data.par_chunks_mut(kps * NR)
             .enumerate()
             .for_each(|(panel, out)| {
                 for c in 0..NR.min(n - panel * NR) {
@@ -127,7 +153,13 @@ impl PackedBf16 {
                     }
                 }
             });
-        Self { n, k, kp, data }
+        Self {
+            n,
+            k,
+            kp,
+            kps,
+            data,
+        }
     }
 
     /// Output features.
@@ -151,7 +183,7 @@ impl PackedBf16 {
         for (j, row) in w.chunks_mut(self.k.max(1)).enumerate().take(self.n) {
             let (panel, c) = (j / NR, j % NR);
             for (i, v) in row.iter_mut().enumerate() {
-                let word = self.data[panel * self.kp * NR + (i / 2) * NR + c];
+                let word = self.data[panel * self.kps * NR + (i / 2) * NR + c];
                 *v = bf16::from_bits(if i % 2 == 0 {
                     word as u16
                 } else {
@@ -190,7 +222,7 @@ impl PackedBf16 {
         m: usize,
         bias: Option<&[f32]>,
     ) -> Vec<T> {
-        let (n, k, kp) = (self.n, self.k, self.kp);
+        let (n, k, kp, kps) = (self.n, self.k, self.kp, self.kps);
         assert_eq!(x.len(), m * k, "x is {} values, not [{m}, {k}]", x.len());
         if let Some(b) = bias {
             assert_eq!(b.len(), n, "bias is {} values, not {n}", b.len());
@@ -203,16 +235,14 @@ impl PackedBf16 {
         if m == 0 || n == 0 {
             return out;
         }
+        #[cfg(target_arch = "x86_64")]
+        if level == Level::Amx {
+            self.matmul_amx(x, m, bias, &mut out);
+            return out;
+        }
         let a = pack_rows(x, m, k, kp);
-        // Enough column blocks that every thread gets several tasks even for one row block (decode).
-        let row_blocks = m.div_ceil(MC);
-        let want = rayon::current_num_threads() * 4;
-        let col_tasks = want.div_ceil(row_blocks).max(1);
-        let nc = (n.div_ceil(col_tasks))
-            .next_multiple_of(NR)
-            .clamp(NR, NC_MAX);
-        let col_blocks = n.div_ceil(nc);
         let out_ptr = SendPtr(out.as_mut_ptr());
+        let (row_blocks, nc, col_blocks) = split(m, MC, n);
         (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
             let (ib, jb) = (t / col_blocks, t % col_blocks);
             let (i0, j0) = (ib * MC, jb * nc);
@@ -223,7 +253,7 @@ impl PackedBf16 {
             for p0 in (0..kp).step_by(KC) {
                 let kc = KC.min(kp - p0);
                 for pj in 0..panels {
-                    let b = &self.data[((j0 / NR + pj) * kp + p0) * NR..][..kc * NR];
+                    let b = &self.data[((j0 / NR + pj) * kps + p0) * NR..][..kc * NR];
                     for r0 in (0..rows).step_by(MR) {
                         let rb = MR.min(rows - r0);
                         // Rows `i0 + r0 ..` sit in their MR block of `a` (MC is a multiple of MR).
@@ -233,28 +263,116 @@ impl PackedBf16 {
                     }
                 }
             }
-            for r in 0..rows {
-                // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`, which holds
-                // m·n values and outlives the tasks.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.get().add((i0 + r) * n + j0), cols)
-                };
-                let src = &c[r * ldc..][..cols];
-                match bias {
-                    Some(b) => {
-                        for ((d, &s), &bb) in dst.iter_mut().zip(src).zip(&b[j0..j0 + cols]) {
-                            *d = T::from_f32(s + bb);
-                        }
-                    }
-                    None => {
-                        for (d, &s) in dst.iter_mut().zip(src) {
-                            *d = T::from_f32(s);
+            // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`.
+            unsafe { store_block(out_ptr, n, (i0, rows), (j0, cols), &c, ldc, bias) };
+        });
+        out
+    }
+
+    /// [`Self::matmul_into`] on AMX tiles. `x` is copied into whole tiles first (rows padded to 16, pairs to
+    /// [`amx::PAIRS`], both with zeros), so every tile load is a full one straight from memory; each task then
+    /// runs 32 × 32 (or, for a last odd block of 16 rows, 16 × 32) output blocks through K in blocks of
+    /// [`KC`] pairs, the f32 sums held in tiles within a K block and in the task's buffer between them.
+    /// Every output is one chain over the pairs in order, tile by tile, whatever `m` is: rows stay
+    /// independent of each other, as on the other levels.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_amx<T: Out>(&self, x: &[bf16], m: usize, bias: Option<&[f32]>, out: &mut [T]) {
+        let (n, k, kps) = (self.n, self.k, self.kps);
+        let a = amx::pack_rows(x, m, k, kps);
+        let mp = m.next_multiple_of(amx::ROWS);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let (row_blocks, nc, col_blocks) = split(mp, amx::MC, n);
+        (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
+            let (ib, jb) = (t / col_blocks, t % col_blocks);
+            let (i0, j0) = (ib * amx::MC, jb * nc);
+            // Padded rows of this task (a multiple of 16) and the real ones among them.
+            let (rows_p, cols) = (amx::MC.min(mp - i0), nc.min(n - j0));
+            let rows = rows_p.min(m - i0);
+            let panels = cols.div_ceil(NR);
+            let ldc = panels * NR;
+            let mut c = vec![0f32; rows_p * ldc];
+            let _tiles = amx::Tiles::configure();
+            for p0 in (0..kps).step_by(KC) {
+                let kc = KC.min(kps - p0);
+                for pj in 0..panels {
+                    let b = &self.data[((j0 / NR + pj) * kps + p0) * NR..][..kc * NR];
+                    for r0 in (0..rows_p).step_by(2 * amx::ROWS) {
+                        let two = rows_p - r0 >= 2 * amx::ROWS;
+                        let ablk = &a[(i0 + r0) * kps + p0..];
+                        let cblk = &mut c[r0 * ldc + pj * NR..];
+                        // SAFETY: tiles are configured on this thread; `ablk` holds 16 (32 when `two`) rows of
+                        // `kps` words from pair `p0`, `b` `kc` pairs of a panel, `cblk` as many rows of `ldc`.
+                        unsafe {
+                            if two {
+                                amx::block::<2>(
+                                    ablk.as_ptr(),
+                                    kps,
+                                    b.as_ptr(),
+                                    kc,
+                                    cblk.as_mut_ptr(),
+                                    ldc,
+                                )
+                            } else {
+                                amx::block::<1>(
+                                    ablk.as_ptr(),
+                                    kps,
+                                    b.as_ptr(),
+                                    kc,
+                                    cblk.as_mut_ptr(),
+                                    ldc,
+                                )
+                            }
                         }
                     }
                 }
             }
+            // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`.
+            unsafe { store_block(out_ptr, n, (i0, rows), (j0, cols), &c, ldc, bias) };
         });
-        out
+    }
+}
+
+/// How a call splits into tasks: `(row blocks, columns per block, column blocks)` for `m` rows in blocks of
+/// `mc`. Enough column blocks that every thread gets several tasks even for one row block (decode).
+fn split(m: usize, mc: usize, n: usize) -> (usize, usize, usize) {
+    let row_blocks = m.div_ceil(mc);
+    let want = rayon::current_num_threads() * 4;
+    let col_tasks = want.div_ceil(row_blocks).max(1);
+    let nc = (n.div_ceil(col_tasks))
+        .next_multiple_of(NR)
+        .clamp(NR, NC_MAX);
+    (row_blocks, nc, n.div_ceil(nc))
+}
+
+/// Writes a task's f32 sums (`c`, rows of `ldc`) into `out [.., n]` at rows `i0..i0 + rows` and columns
+/// `j0..j0 + cols`, adding the bias in f32 before the one rounding to `T`.
+///
+/// SAFETY: `out` holds at least `(i0 + rows) · n` values and outlives the call, and no other thread writes
+/// that block meanwhile.
+unsafe fn store_block<T: Out>(
+    out: SendPtr<T>,
+    n: usize,
+    (i0, rows): (usize, usize),
+    (j0, cols): (usize, usize),
+    c: &[f32],
+    ldc: usize,
+    bias: Option<&[f32]>,
+) {
+    for r in 0..rows {
+        let dst = std::slice::from_raw_parts_mut(out.get().add((i0 + r) * n + j0), cols);
+        let src = &c[r * ldc..][..cols];
+        match bias {
+            Some(b) => {
+                for ((d, &s), &bb) in dst.iter_mut().zip(src).zip(&b[j0..j0 + cols]) {
+                    *d = T::from_f32(s + bb);
+                }
+            }
+            None => {
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = T::from_f32(s);
+                }
+            }
+        }
     }
 }
 
@@ -364,6 +482,195 @@ fn tile_scalar(rows: usize, a: &[u32], b: &[u32], kc: usize, c: &mut [f32], ldc:
             }
         }
         c[r * ldc..r * ldc + NR].copy_from_slice(&acc);
+    }
+}
+
+/// AMX tiles (Intel since Sapphire Rapids): eight 1 KiB tile registers, each up to 16 rows of 64 bytes, and
+/// `tdpbf16ps`, which multiplies a 16 × 32 bf16 tile by a 32 × 16 one (stored as 16 rows of pairs) into a
+/// 16 × 16 f32 tile. The packed panels already hold a weight that way (per feature pair, the columns' pairs side
+/// by side), so a B tile is 16 pairs of 16 columns read at the panel's row stride, with no repacking; `x` is
+/// copied once per call into whole tiles. Used through inline assembly: Rust's AMX intrinsics are unstable.
+mod amx {
+    /// Feature pairs per tile row (64 bytes).
+    pub const PAIRS: usize = 16;
+    /// Rows per tile.
+    pub const ROWS: usize = 16;
+    /// Rows per task: a task's `MC × KC` slice of `x` (128 KiB) stays in L2 while its panels pass.
+    pub const MC: usize = 128;
+
+    /// Whether this CPU has AMX-BF16 and the OS lets this process use the tile registers (asked once).
+    pub fn usable() -> bool {
+        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *USABLE.get_or_init(|| {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            {
+                // CPUID.(EAX=7, ECX=0):EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+                #[allow(unused_unsafe)]
+                let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+                if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+                    return false;
+                }
+                // Linux gives the 8 KiB tile state only to a process that asks for it; a kernel without AMX
+                // support (before 5.16) refuses, and then the CPU's flag alone does not make it usable.
+                const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
+                const XFEATURE_XTILEDATA: libc::c_ulong = 18;
+                // SAFETY: a plain syscall with integer arguments.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_arch_prctl,
+                        ARCH_REQ_XCOMP_PERM,
+                        XFEATURE_XTILEDATA,
+                    ) == 0
+                }
+            }
+            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+            false
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub use tiles::*;
+
+    #[cfg(target_arch = "x86_64")]
+    mod tiles {
+        use super::super::{pair, NR};
+        use super::{PAIRS, ROWS};
+        use half::bf16;
+        use rayon::prelude::*;
+        use std::arch::asm;
+
+        /// `x [m, k]` as `[m rounded up to 16][kps]` words (feature pairs), zeros past `m` rows and `k`
+        /// features: whole A tiles, read straight from here at a stride of `kps` words.
+        pub fn pack_rows(x: &[bf16], m: usize, k: usize, kps: usize) -> Vec<u32> {
+            let mut a = vec![0u32; m.next_multiple_of(ROWS) * kps];
+            a.par_chunks_mut(ROWS * kps)
+                .enumerate()
+                .for_each(|(blk, out)| {
+                    for r in 0..ROWS.min(m.saturating_sub(blk * ROWS)) {
+                        let row = &x[(blk * ROWS + r) * k..][..k];
+                        for (p, word) in out[r * kps..][..k.div_ceil(2)].iter_mut().enumerate() {
+                            *word = pair(
+                                row[2 * p],
+                                row.get(2 * p + 1).copied().unwrap_or(bf16::ZERO),
+                            );
+                        }
+                    }
+                });
+            a
+        }
+
+        /// `ldtilecfg`'s 64-byte operand: palette 1, all eight tiles 16 rows of 64 bytes.
+        #[repr(C, align(64))]
+        struct Config([u8; 64]);
+
+        static CONFIG: Config = {
+            let mut c = [0u8; 64];
+            c[0] = 1;
+            let mut t = 0;
+            while t < 8 {
+                c[16 + 2 * t] = (PAIRS * 4) as u8;
+                c[48 + t] = ROWS as u8;
+                t += 1;
+            }
+            Config(c)
+        };
+
+        /// The tiles configured on this thread for the guard's lifetime (a rayon task); released on drop, so
+        /// the thread's context switches stop saving 8 KiB of tile state.
+        pub struct Tiles(());
+
+        impl Tiles {
+            pub fn configure() -> Tiles {
+                // SAFETY: `usable()` was true (the caller runs the Amx level only then); the operand is a valid
+                // palette-1 configuration.
+                unsafe {
+                    asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly))
+                };
+                Tiles(())
+            }
+        }
+
+        impl Drop for Tiles {
+            fn drop(&mut self) {
+                // SAFETY: tiles were configured by this guard on this thread.
+                unsafe { asm!("tilerelease", options(nostack, nomem)) };
+            }
+        }
+
+        /// `c[r][0..32] += Σ_p a[r][p] · b[p][0..32]` for `16·A` rows (`A` = 1 or 2) and `kc` pairs (a
+        /// multiple of 16): C in tmm0–tmm3 (rows 0–15 then 16–31; columns 0–15, 16–31), A in tmm4–5, B in
+        /// tmm6–7. Each tile instruction adds its 16 pairs to the sums in order, so an output's chain runs
+        /// over the pairs in order, the same for every row.
+        ///
+        /// SAFETY: tiles configured on this thread ([`Tiles`]); `a` holds `16·A` rows of `lda ≥ kc` words,
+        /// `b` `kc` pairs of a panel (rows of [`NR`] words), `c` `16·A` rows of `ldc ≥ 32` floats.
+        pub unsafe fn block<const A: usize>(
+            a: *const u32,
+            lda: usize,
+            b: *const u32,
+            kc: usize,
+            c: *mut f32,
+            ldc: usize,
+        ) {
+            debug_assert!(A == 1 || A == 2);
+            debug_assert!(kc % PAIRS == 0);
+            let (sa, sb, sc) = (lda * 4, NR * 4, ldc * 4);
+            let c_lower = c.wrapping_add(ROWS * ldc);
+            asm!(
+                "tileloadd tmm0, [{c0} + {sc}*1]",
+                "tileloadd tmm1, [{c1} + {sc}*1]",
+                c0 = in(reg) c, c1 = in(reg) c.add(16), sc = in(reg) sc, options(nostack, readonly)
+            );
+            if A == 2 {
+                asm!(
+                    "tileloadd tmm2, [{c0} + {sc}*1]",
+                    "tileloadd tmm3, [{c1} + {sc}*1]",
+                    c0 = in(reg) c_lower, c1 = in(reg) c_lower.add(16), sc = in(reg) sc,
+                    options(nostack, readonly)
+                );
+            }
+            for q in 0..kc / PAIRS {
+                let (ap, bp) = (a.add(q * PAIRS), b.add(q * PAIRS * NR));
+                if A == 2 {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) ap, a1 = in(reg) ap.add(ROWS * lda), sa = in(reg) sa,
+                        b0 = in(reg) bp, b1 = in(reg) bp.add(16), sb = in(reg) sb,
+                        options(nostack, readonly)
+                    );
+                } else {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        a0 = in(reg) ap, sa = in(reg) sa,
+                        b0 = in(reg) bp, b1 = in(reg) bp.add(16), sb = in(reg) sb,
+                        options(nostack, readonly)
+                    );
+                }
+            }
+            asm!(
+                "tilestored [{c0} + {sc}*1], tmm0",
+                "tilestored [{c1} + {sc}*1], tmm1",
+                c0 = in(reg) c, c1 = in(reg) c.add(16), sc = in(reg) sc, options(nostack)
+            );
+            if A == 2 {
+                asm!(
+                    "tilestored [{c0} + {sc}*1], tmm2",
+                    "tilestored [{c1} + {sc}*1], tmm3",
+                    c0 = in(reg) c_lower, c1 = in(reg) c_lower.add(16), sc = in(reg) sc, options(nostack)
+                );
+            }
+        }
     }
 }
 
@@ -534,6 +841,26 @@ mod tests {
                     "{level:?} row {i}"
                 );
             }
+        }
+    }
+
+    /// Where the kernel lists `amx_tile` and `amx_bf16` in /proc/cpuinfo (it does only when it supports the
+    /// tile state), the AMX level is available: a regression in the permission request would otherwise
+    /// silently fall back to AVX-512 BF16.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn amx_is_used_where_the_kernel_lists_it() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("read /proc/cpuinfo");
+        let flags = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap_or_default();
+        let listed = ["amx_tile", "amx_bf16"]
+            .iter()
+            .all(|f| flags.split_whitespace().any(|w| w == *f));
+        if listed {
+            assert!(Level::available().contains(&Level::Amx), "flags: {flags}");
+            assert_eq!(Level::available()[0], Level::Amx);
         }
     }
 
