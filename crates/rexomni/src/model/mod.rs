@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod awq;
+pub mod bf16_lanes;
 pub mod config;
 pub mod cpu_bf16;
 pub mod cpu_f32;

@@ -18,6 +18,8 @@ pub struct RmsNorm {
     inner: candle_nn::RmsNorm,
     /// The weight widened once at load, for the f32 normalisation of half-precision rows.
     weight_f32: Tensor,
+    /// The same values as a slice, for bf16_lanes.rs's row kernel (bf16 on the CPU).
+    weight_f32_cpu: Vec<f32>,
     eps: f64,
 }
 
@@ -33,6 +35,9 @@ impl RmsNorm {
         if x.dtype() == DType::F32 || !x.device().is_cpu() {
             return self.inner.forward(x);
         }
+        if crate::model::bf16_lanes::applies(x) {
+            return crate::model::bf16_lanes::rms_norm(x, &self.weight_f32_cpu, self.eps as f32);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
@@ -44,9 +49,15 @@ impl RmsNorm {
 pub fn rms_norm(size: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<RmsNorm> {
     let inner = candle_nn::rms_norm(size, eps, vb)?;
     let weight_f32 = inner.weight().to_dtype(DType::F32)?;
+    let weight_f32_cpu = if weight_f32.device().is_cpu() {
+        weight_f32.to_vec1()?
+    } else {
+        Vec::new()
+    };
     Ok(RmsNorm {
         inner,
         weight_f32,
+        weight_f32_cpu,
         eps,
     })
 }

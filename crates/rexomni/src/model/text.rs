@@ -10,6 +10,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::attention::{attend, MAX_SCORE_ELEMS};
+use super::bf16_lanes;
 use super::config::TextConfig;
 use super::kv_slots::KvSlots;
 use super::linear::{linear_forward, linear_forward_f32, Linear, LinearLoader};
@@ -82,8 +83,15 @@ impl Layer {
     /// once: numerics.rs).
     fn mlp(&self, h: &Tensor) -> Result<Tensor> {
         let n = self.post_norm.forward(h)?;
-        let act =
-            (numerics::silu(&linear_forward(&self.gate, &n)?)? * linear_forward(&self.up, &n)?)?;
+        let (g, u) = (
+            linear_forward(&self.gate, &n)?,
+            linear_forward(&self.up, &n)?,
+        );
+        let act = if bf16_lanes::applies(&g) {
+            bf16_lanes::silu_mul(&g, &u)?
+        } else {
+            (numerics::silu(&g)? * u)?
+        };
         linear_forward(&self.down, &act)
     }
 
@@ -422,11 +430,11 @@ impl TextModel {
         }
         let mut x = embeds.clone();
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = (&x
-                + layer
-                    .attn
-                    .forward(&layer.input_norm.forward(&x)?, cos, sin, mask, c)?)?;
-            x = (&h + layer.mlp(&h)?)?;
+            let a = layer
+                .attn
+                .forward(&layer.input_norm.forward(&x)?, cos, sin, mask, c)?;
+            let h = residual(&x, &a)?;
+            x = residual(&h, &layer.mlp(&h)?)?;
         }
         Ok(x)
     }
@@ -458,18 +466,18 @@ impl TextModel {
         slots.reserve(t)?;
         let mut x = embeds.clone();
         for (layer, kv) in self.layers.iter().zip(&slots.layers) {
-            let h = (&x
-                + layer.attn.forward_slots(
-                    &layer.input_norm.forward(&x)?,
-                    cos,
-                    sin,
-                    kv,
-                    rows,
-                    &lens,
-                    t,
-                    mask,
-                )?)?;
-            x = (&h + layer.mlp(&h)?)?;
+            let a = layer.attn.forward_slots(
+                &layer.input_norm.forward(&x)?,
+                cos,
+                sin,
+                kv,
+                rows,
+                &lens,
+                t,
+                mask,
+            )?;
+            let h = residual(&x, &a)?;
+            x = residual(&h, &layer.mlp(&h)?)?;
         }
         slots.advance(rows, l);
         Ok(x)
@@ -479,6 +487,16 @@ impl TextModel {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         // f32 straight from the accumulators where the layer allows it (linear::linear_forward_f32).
         linear_forward_f32(&self.lm_head, &self.norm.forward(hidden)?)
+    }
+}
+
+/// `x + y`: the residual add, bf16 on the CPU through bf16_lanes.rs (one vectorised pass, the same bits as
+/// candle's bf16 add), anything else through candle.
+fn residual(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    if bf16_lanes::applies(x) && x.shape() == y.shape() {
+        bf16_lanes::add(x, y)
+    } else {
+        x + y
     }
 }
 

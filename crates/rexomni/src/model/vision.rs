@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{attend, MAX_SCORE_ELEMS};
+use super::bf16_lanes;
 use super::config::VisionConfig;
 use super::linear::{Linear, LinearLoader};
 use super::numerics::{self, RmsNorm};
@@ -108,7 +109,7 @@ fn own_kernels(x: &Tensor) -> bool {
         ops = if candle { 2 } else { 1 };
         OPS.store(ops, Ordering::Relaxed);
     }
-    ops == 1 && vision_cpu::applies(x)
+    ops == 1 && bf16_lanes::applies(x)
 }
 
 /// Switches the bf16 CPU vision ops for the following forwards (`rexbench --vision-ab`: before and after in
@@ -137,7 +138,7 @@ impl Block {
         let own = own_kernels(x);
         let add = |a: &Tensor, b: &Tensor| {
             if own {
-                vision_cpu::add(a, b)
+                bf16_lanes::add(a, b)
             } else {
                 a.add(b)
             }
@@ -150,7 +151,7 @@ impl Block {
         let u = t("mlp gate/up linear", || self.up.forward(&n))?;
         let gu = t("mlp silu*mul", || {
             if own {
-                vision_cpu::silu_mul(&g, &u)
+                bf16_lanes::silu_mul(&g, &u)
             } else {
                 numerics::silu(&g)? * u
             }

@@ -1,23 +1,23 @@
-//! The vision tower's non-GEMM work on the CPU in bf16: window / full attention (RoPE, scores, softmax,
-//! weighted sum), the SwiGLU product and the residual adds, each as one pass over plain slices.
+//! The vision tower's attention on the CPU in bf16 (RoPE, scores, softmax, weighted sum, per window or per
+//! image), as one pass over plain slices; the SwiGLU product and residual adds it used to hold are now
+//! bf16_lanes.rs's, shared with the decoder.
 //!
-//! In: bf16 tensors on the CPU (the block's qkv output, the MLP's gate and up outputs, the residual operands).
-//! Out: bf16 tensors of the shapes the candle ops they replace return. Runs on the caller's thread and
-//! candle's rayon pool.
+//! In: bf16 tensors on the CPU (the block's qkv output and the rotary tables). Out: a bf16 tensor of the shape
+//! the candle ops it replaces return. Runs on the caller's thread and candle's rayon pool.
 //!
-//! Why: at the real widths (1564 patches, 16 heads of 80) these pieces took about 40 % of the bf16 tower on
-//! the CPU (docs/benchmarks.md, "bf16 vision on the CPU"): each candle op is a separate pass that widens to
-//! f32 or rounds to bf16 element by element, and the attention ran as hundreds of small padded batched
-//! matmuls over windows plus a 16 × 1564 × 1564 score tensor written and read three times for the full block.
+//! Why: at the real widths (1564 patches, 16 heads of 80) the attention ran as hundreds of small padded batched
+//! matmuls over windows plus a 16 × 1564 × 1564 score tensor written and read three times for the full block
+//! (docs/benchmarks.md, "bf16 vision on the CPU").
 //!
-//! Numerics (what the candle ops did, and transformers' bf16 forward does): SiLU in f32 rounded once, then the
-//! product rounded once; the residual add in f32 rounded once (bit-identical to candle's bf16 ops); RoPE in
-//! f32 with the same expression as candle's kernel, rounded to bf16 (HF's `apply_rotary_pos_emb_vision`);
-//! scores, softmax and weighted sum in f32, the output rounded once. The dot products here sum in a fixed
-//! order that differs from candle's f32 GEMM, so attention outputs may differ from the previous path in the
-//! last f32 bit before their bf16 rounding. f32 models never come here (the f32 path is unchanged).
+//! Numerics (what transformers' bf16 forward does): RoPE in f32 with the same expression as candle's kernel,
+//! rounded to bf16 (HF's `apply_rotary_pos_emb_vision`); scores, softmax and weighted sum in f32, the output
+//! rounded once. The dot products here sum in a fixed order that differs from candle's f32 GEMM, so attention
+//! outputs may differ from the previous path in the last f32 bit before their bf16 rounding. f32 models never
+//! come here (the f32 path is unchanged).
 
-use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+use candle_core::{Device, Result, Tensor};
+
+use super::bf16_lanes::{exp_lane, with_bf16};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -25,75 +25,6 @@ use rayon::prelude::*;
 const QB: usize = 32;
 /// Score lanes computed together (one zmm of f32).
 const L: usize = 16;
-
-/// Whether `t` takes this module's kernels (bf16 on the CPU).
-pub fn applies(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::BF16
-}
-
-/// Runs `f` on `t`'s values (made contiguous first).
-fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[bf16]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::BF16(v)) = &*st else {
-        candle_core::bail!(
-            "vision_cpu: expected a bf16 CPU tensor, got {:?}",
-            t.dtype()
-        )
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .expect("a contiguous tensor has contiguous offsets");
-    Ok(f(&v[a..b]))
-}
-
-/// Elements per rayon task of the element-wise kernels.
-const CHUNK: usize = 1 << 14;
-
-/// `bf16(bf16(silu(g)) · u)`: what `numerics::silu(g) * u` computes on bf16 tensors, in one pass.
-pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if g.shape() != u.shape() {
-        candle_core::bail!("silu_mul: shapes {:?} and {:?}", g.shape(), u.shape())
-    }
-    let out = with_bf16(g, |g| {
-        with_bf16(u, |u| {
-            let mut out = vec![bf16::ZERO; g.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .for_each(|(o, (g, u))| {
-                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                        let v = g.to_f32();
-                        // candle's f32 SiLU expression, rounded to bf16 as `numerics::silu` does.
-                        let s = bf16::from_f32(v / (1.0 + (-v).exp()));
-                        *o = bf16::from_f32(s.to_f32() * u.to_f32());
-                    }
-                });
-            out
-        })
-    })??;
-    Tensor::from_vec(out, g.shape(), &Device::Cpu)
-}
-
-/// `a + b` in bf16 (f32 sum rounded once, as candle's bf16 add), in one parallel pass.
-pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.shape() != b.shape() {
-        candle_core::bail!("add: shapes {:?} and {:?}", a.shape(), b.shape())
-    }
-    let out = with_bf16(a, |a| {
-        with_bf16(b, |b| {
-            let mut out = vec![bf16::ZERO; a.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-                .for_each(|(o, (a, b))| {
-                    for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                        *o = bf16::from_f32(a.to_f32() + b.to_f32());
-                    }
-                });
-            out
-        })
-    })??;
-    Tensor::from_vec(out, a.shape(), &Device::Cpu)
-}
 
 /// Attention of the vision blocks.
 ///
@@ -404,31 +335,6 @@ unsafe fn scores_body<const G: usize>(
     }
 }
 
-/// `e^x` for `x ≤ 0` (the softmax's shifted scores), about 1 ulp: Cephes' `expf` reduction and polynomial,
-/// written lane by lane so that it vectorises. Below −87 it returns e^−87 (≈ 1.6e−38, nothing next to the
-/// row's largest term, which is 1).
-#[inline(always)]
-fn exp_lane(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    // n = round(x / ln 2) by the 1.5 · 2^23 trick (ties to even), exact for |x / ln 2| < 2^22; the same
-    // float's low mantissa bits hold n, from which 2^n is built with integer lane operations (no float→int
-    // conversion, which would not vectorise with `as`'s saturating semantics).
-    const MAGIC: f32 = 12_582_912.0;
-    let t = x.mul_add(std::f32::consts::LOG2_E, MAGIC);
-    let n = t - MAGIC;
-    let two_n = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
-    let r = n.mul_add(-0.693_359_4, x);
-    let r = n.mul_add(2.121_944_4e-4, r);
-    let p = 1.987_569_1e-4f32
-        .mul_add(r, 1.398_199_9e-3)
-        .mul_add(r, 8.333_452e-3)
-        .mul_add(r, 4.166_579_6e-2)
-        .mul_add(r, 1.666_666_5e-1)
-        .mul_add(r, 0.5);
-    let y = (p * r).mul_add(r, r) + 1.0;
-    y * two_n
-}
-
 #[inline(always)]
 fn softmax_body(x: &mut [f32], scale: f32) {
     let full = x.len() / L * L;
@@ -577,6 +483,7 @@ unsafe fn wsum_avx2<const G: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
     use crate::model::attention::{attend, MAX_SCORE_ELEMS};
 
     fn rand_bf16(shape: (usize, usize), seed: u64, std: f32) -> Tensor {
@@ -601,34 +508,6 @@ mod tests {
             .iter()
             .map(|b| b.to_bits())
             .collect()
-    }
-
-    /// The softmax's exponential is within 2 ulp of libm's `expf` on the range it is used on.
-    #[test]
-    fn exp_lane_is_accurate() {
-        let mut worst = 0f32;
-        for i in 0..=870_000 {
-            let x = -(i as f32) * 1e-4;
-            let (a, b) = (exp_lane(x), x.exp());
-            worst = worst.max((a - b).abs() / b);
-        }
-        assert!(worst <= 2.0 * f32::EPSILON, "worst relative error {worst}");
-    }
-
-    /// The element-wise kernels are bit-identical to the candle ops they replace.
-    #[test]
-    fn silu_mul_and_add_equal_candle() -> Result<()> {
-        let g = rand_bf16((37, 300), 1, 6.0);
-        let u = rand_bf16((37, 300), 2, 3.0);
-        let want = (crate::model::numerics::silu(&g)? * &u)?;
-        let differing = |a: Vec<u16>, b: Vec<u16>| a.iter().zip(&b).filter(|(x, y)| x != y).count();
-        assert_eq!(
-            differing(bits(&silu_mul(&g, &u)?), bits(&want)),
-            0,
-            "silu_mul"
-        );
-        assert_eq!(differing(bits(&add(&g, &u)?), bits(&g.add(&u)?)), 0, "add");
-        Ok(())
     }
 
     /// The previous path: candle's RoPE on f32 rounded to bf16, then `attend` per sequence.
