@@ -245,8 +245,9 @@ impl Attention {
 
     /// One decode pass over preallocated [`KvSlots`] (continuous batching): row `i` of `x` (`[B, l, H]`) is slot
     /// `rows[i]`; its `l` new keys and values are written in place from column `lens[i]` (its own length).
-    /// - `l == 1`, a step: every row attends to columns `0..t` (`t` = longest row + 1), `mask` `[B, 1, 1, t]`
-    ///   hiding each row's columns past its own. The query heads are grouped over their kv head exactly as in a
+    /// - `l == 1`, a step: on the CPU row by row, each over its own columns exactly as a lone step (so every
+    ///   row's bits are its lone decoding's); elsewhere every row attends to columns `0..t` (`t` = longest row
+    ///   + 1), `mask` `[B, 1, 1, t]` hiding each row's columns past its own. The query heads are grouped over their kv head exactly as in a
     ///   plain decode step, and when the rows are consecutive slots the keys and values are read as strided
     ///   views of the slots (no gather).
     /// - `l > 1`, a draft verification block: each row sees only its own columns, causally. On the CPU position
@@ -283,7 +284,32 @@ impl Attention {
                 .slice_set(&v.narrow(0, i, 1)?.contiguous()?, 2, len)?;
         }
         let rep = self.heads / self.kv_heads;
-        let o = if l == 1 {
+        let o = if l == 1 && b > 1 && x.device().is_cpu() {
+            // Row by row with exactly a lone step's operands (its own `len + 1` columns, contiguous, no mask):
+            // one masked call over the longest row's columns would sum each shorter row's softmax and weighted
+            // sum in a different order (candle's CPU softmax adds in 32-lane chunks plus a scalar tail), so its
+            // bits, and at a near tie its id, could differ from the row decoded alone.
+            let mut outs = Vec::with_capacity(b);
+            for (i, (&s, &len)) in rows.iter().zip(lens).enumerate() {
+                let qi = q.narrow(0, i, 1)?.contiguous()?.reshape((
+                    1,
+                    self.kv_heads,
+                    rep,
+                    self.head_dim,
+                ))?;
+                let ki = k_all.narrow(0, s, 1)?.narrow(2, 0, len + 1)?.contiguous()?;
+                let vi = v_all.narrow(0, s, 1)?.narrow(2, 0, len + 1)?.contiguous()?;
+                outs.push(
+                    attend(&qi, &ki, &vi, MAX_SCORE_ELEMS, |_, _| Ok(None))?.reshape((
+                        1,
+                        self.heads,
+                        1,
+                        self.head_dim,
+                    ))?,
+                );
+            }
+            Tensor::cat(&outs, 0)?
+        } else if l == 1 {
             let consecutive = rows.windows(2).all(|w| w[1] == w[0] + 1);
             let (k, v) = if consecutive {
                 (

@@ -483,8 +483,8 @@ unsafe fn wsum_avx2<const G: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
     use crate::model::attention::{attend, MAX_SCORE_ELEMS};
+    use candle_core::DType;
 
     fn rand_bf16(shape: (usize, usize), seed: u64, std: f32) -> Tensor {
         // Deterministic values without a RNG dependency: a xorshift stream mapped to [-std, std).
