@@ -143,6 +143,8 @@ pub fn load_dir_report(
         weights = weights.name(),
         awq = is_awq,
         layers = %counts.join(" "),
+        // The instruction set of the bf16 CPU GEMM (gemm_bf16.rs): "amx" on Sapphire Rapids and later.
+        bf16_cpu_gemm = super::gemm_bf16::Level::best().name(),
     );
     let dense = report.kept_dense();
     if !dense.is_empty() {
