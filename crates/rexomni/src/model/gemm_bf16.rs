@@ -24,6 +24,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::bf16_lanes;
+use super::huge_pages::HugeBuf;
 
 /// Output columns per packed panel (two zmm registers of 16 f32 lanes).
 pub const NR: usize = 32;
@@ -113,8 +114,9 @@ pub struct PackedBf16 {
     /// Pairs per panel as stored: `kp` rounded up to a whole AMX tile ([`amx::PAIRS`]), the padding zero, so
     /// a tile load never reads past a panel and the padded pairs add exact zeros.
     kps: usize,
-    /// `ceil(n / NR)` panels of `kps × NR` words; columns past `n` are zero.
-    data: Vec<u32>,
+    /// `ceil(n / NR)` panels of `kps × NR` words; columns past `n` are zero. In huge pages where Linux allows:
+    /// a decode step streams the whole weight (huge_pages.rs).
+    data: HugeBuf<u32>,
 }
 
 /// `bits` of two bf16 values as one little-endian word: `lo` in the low half, which `vdpbf16ps` pairs with the
@@ -143,7 +145,7 @@ impl PackedBf16 {
         let kp = k.div_ceil(2);
         let kps = kp.next_multiple_of(amx::PAIRS);
         let panels = n.div_ceil(NR);
-        let mut data = vec![0u32; panels * kps * NR];
+        let mut data = HugeBuf::new(panels * kps * NR, 0u32);
         data.par_chunks_mut(kps * NR)
             .enumerate()
             .for_each(|(panel, out)| {

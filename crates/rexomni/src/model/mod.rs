@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpu_bf16;
 pub mod cpu_f32;
 pub mod gemm_bf16;
+pub mod huge_pages;
 pub mod kv_slots;
 pub mod linear;
 pub mod loading;
