@@ -25,6 +25,7 @@ use candle_nn::VarBuilder;
 
 use super::awq::{self, AwqConfig, AwqLayer};
 use super::cpu_bf16;
+use super::cpu_q8;
 use super::gemm_bf16::PackedBf16;
 
 /// How linear weights are held in memory (`[model] weights`).
@@ -76,6 +77,8 @@ pub enum Linear {
     Quant {
         w: QMatMul,
         bias: Option<Tensor>,
+        /// The bias widened once for cpu_q8.rs (CPU only), added in f32 before the output's single rounding.
+        bias_f32: Option<Arc<Vec<f32>>>,
         /// Rows of the weight (output features), for shape checks in tests.
         out_dim: usize,
     },
@@ -88,6 +91,13 @@ impl Linear {
             Self::Dense(l) => cpu_bf16::linear_forward(l, x),
             Self::PackedBf16 { w, bias, bias_f32 } => {
                 cpu_bf16::packed_forward(w, bias.as_ref(), bias_f32.as_deref(), x)
+            }
+            Self::Quant {
+                w: QMatMul::QTensor(q),
+                bias_f32,
+                ..
+            } if cpu_q8::applies(q, x) => {
+                cpu_q8::forward(q, bias_f32.as_ref().map(|b| b.as_slice()), x, false)
             }
             Self::Quant { w, bias, .. } => {
                 // QMatMul takes any leading dims and returns x's dtype (bf16/f16/f32 on CPU and CUDA).
@@ -156,6 +166,14 @@ pub fn linear_forward_f32(l: &Linear, x: &Tensor) -> Result<Tensor> {
         Linear::Dense(d) => cpu_bf16::linear_forward_f32(d, x),
         Linear::PackedBf16 { w, bias, bias_f32 } => {
             cpu_bf16::packed_forward_f32(w, bias.as_ref(), bias_f32.as_deref(), x)
+        }
+        // Our Q8_0 kernel returns its f32 sums unrounded, like the packed bf16 layer.
+        Linear::Quant {
+            w: QMatMul::QTensor(q),
+            bias_f32,
+            ..
+        } if cpu_q8::applies(q, x) => {
+            cpu_q8::forward(q, bias_f32.as_ref().map(|b| b.as_slice()), x, true)
         }
         Linear::Quant { .. } => l.forward(x)?.to_dtype(DType::F32),
     }
@@ -264,6 +282,7 @@ impl LinearLoader {
         self.record(name, &type_name(ty), "checkpoint");
         Ok(Linear::Quant {
             w: QMatMul::from_qtensor(q)?,
+            bias_f32: bias_f32_on_cpu(&bias, &device)?,
             bias,
             out_dim,
         })
@@ -292,6 +311,7 @@ impl LinearLoader {
         self.record(&name, &type_name(ty), "awq");
         Ok(Linear::Quant {
             w: QMatMul::from_qtensor(q)?,
+            bias_f32: bias_f32_on_cpu(&bias, &device)?,
             bias,
             out_dim,
         })
@@ -329,6 +349,14 @@ fn dense(w: Tensor, bias: Option<Tensor>) -> Result<Linear> {
         bias,
         bias_f32,
     })
+}
+
+/// The bias widened to f32 once, for cpu_q8.rs; `None` off the CPU or without a bias.
+fn bias_f32_on_cpu(bias: &Option<Tensor>, device: &Device) -> Result<Option<Arc<Vec<f32>>>> {
+    match bias {
+        Some(b) if device.is_cpu() => Ok(Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?))),
+        _ => Ok(None),
+    }
 }
 
 fn type_name(t: GgmlDType) -> String {

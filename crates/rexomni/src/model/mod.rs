@@ -10,6 +10,7 @@ pub mod awq;
 pub mod config;
 pub mod cpu_bf16;
 pub mod cpu_f32;
+pub mod cpu_q8;
 pub mod gemm_bf16;
 pub mod kv_slots;
 pub mod linear;
