@@ -9,7 +9,7 @@
 //! the same 34 bytes per 32 weights): rows in groups of four, per group and block the four rows' 32 values
 //! side by side in two 64-byte-aligned lines, stored `+ 128` (unsigned, `vpdpbusd`'s first operand), and the
 //! four f16 scales in a separate array. Per call each activation row is quantized ONCE to int8 per 32-value
-//! block (`d = max|x| / 127`, `q = round(x / d)`, as ggml does, `d` kept in f32), with `−128 · (sums of each
+//! block (`d = max|x| / 127`, `q = round(x / d)`, `d` rounded to f16: exactly what ggml and candle do), with `−128 · (sums of each
 //! 4 values)` per block, which turns `Σ (w + 128) · x` back into `Σ w · x`. Then every weight line is read
 //! once and dotted with all rows of the call in registers: int8 products summed exactly in int32 (AVX-512 VNNI
 //! `vpdpbusd` on two weight rows per 512-bit register, AVX-VNNI or AVX2 `vpmaddubsw` on 256 bits, chosen at
@@ -229,7 +229,10 @@ impl QuantRows {
             for (c, q4) in cb.iter_mut().zip(qb.chunks_exact(4)) {
                 *c = -128 * q4.iter().map(|&b| b as i8 as i32).sum::<i32>();
             }
-            *db = scale;
+            // The scale as ggml keeps it for Q8_0's dot partner (f16), so that the quantized activation is
+            // exactly candle's and only the summation order differs from `QMatMul` (the f16 rounding, 2^-11
+            // relative, is far below the 8-bit rounding of the values).
+            *db = f16::from_f32(scale).to_f32();
         }
         QuantRows { m, k, q, corr, d }
     }
