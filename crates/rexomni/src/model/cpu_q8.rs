@@ -101,6 +101,11 @@ impl Level {
 #[repr(C, align(64))]
 struct Line([u8; 64]);
 
+/// One 64-byte cache line of an activation block's corrections, the 8 values twice.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct CorrLine([i32; 16]);
+
 /// A Q8_0 weight `[n, k]` repacked for the kernel (module doc): per group of 4 rows and per block, two lines
 /// (rows 0 and 1, rows 2 and 3; 32 values each, stored `w + 128`), and the 4 f16 scales. Rows past `n` (the last
 /// group's padding) are zero.
@@ -192,10 +197,12 @@ impl Activation for bf16 {
 pub struct QuantRows {
     m: usize,
     k: usize,
-    /// `[m, k]` int8 bits.
-    q: Vec<u8>,
-    /// `[m, k / 32, 8]`: `−128 ·` the sum of values `4l..4l+4` of each block (`vpdpbusd`'s starting value).
-    corr: Vec<i32>,
+    /// `[m, k / 32]` lines: each block's 32 int8 values twice (one aligned load fills both halves of a 512-bit
+    /// register, whose halves hold two weight rows).
+    q: Vec<Line>,
+    /// `[m, k / 32]` lines: `−128 ·` the sum of values `4l..4l+4` of the block for l = 0..8, twice
+    /// (`vpdpbusd`'s starting value).
+    corr: Vec<CorrLine>,
     /// `[m, k / 32]` block scales.
     d: Vec<f32>,
 }
@@ -205,16 +212,13 @@ impl QuantRows {
     pub fn new<T: Activation>(x: &[T], m: usize, k: usize) -> QuantRows {
         assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
         assert_eq!(k % BLOCK, 0, "k = {k} is not a multiple of {BLOCK}");
-        let mut q = vec![0u8; m * k];
-        let mut corr = vec![0i32; m * k / BLOCK * 8];
+        let mut q = vec![Line([0; 64]); m * k / BLOCK];
+        let mut corr = vec![CorrLine([0; 16]); m * k / BLOCK];
         let mut d = vec![0f32; m * k / BLOCK];
         let mut v = [0f32; BLOCK];
-        for (((xb, qb), cb), db) in x
-            .chunks_exact(BLOCK)
-            .zip(q.chunks_exact_mut(BLOCK))
-            .zip(corr.chunks_exact_mut(8))
-            .zip(&mut d)
-        {
+        for (((xb, ql), cl), db) in x.chunks_exact(BLOCK).zip(&mut q).zip(&mut corr).zip(&mut d) {
+            let (qb, qb2) = ql.0.split_at_mut(BLOCK);
+            let (cb, cb2) = cl.0.split_at_mut(8);
             let mut amax = 0f32;
             for (vi, &xi) in v.iter_mut().zip(xb) {
                 *vi = xi.to_f32();
@@ -229,6 +233,8 @@ impl QuantRows {
             for (c, q4) in cb.iter_mut().zip(qb.chunks_exact(4)) {
                 *c = -128 * q4.iter().map(|&b| b as i8 as i32).sum::<i32>();
             }
+            qb2.copy_from_slice(qb);
+            cb2.copy_from_slice(cb);
             // The scale as ggml keeps it for Q8_0's dot partner (f16), so that the quantized activation is
             // exactly candle's and only the summation order differs from `QMatMul` (the f16 rounding, 2^-11
             // relative, is far below the 8-bit rounding of the values).
@@ -347,8 +353,8 @@ fn compute_tile(
     let nb = w.k / BLOCK;
     let wq = &w.q[g * nb * 2..(g + 1) * nb * 2];
     let wd = &w.d[g * nb * GROUP..(g + 1) * nb * GROUP];
-    let xq = &x.q[i * w.k..(i + rx) * w.k];
-    let xc = &x.corr[i * nb * 8..(i + rx) * nb * 8];
+    let xq = &x.q[i * nb..(i + rx) * nb];
+    let xc = &x.corr[i * nb..(i + rx) * nb];
     let xd = &x.d[i * nb..(i + rx) * nb];
     match level {
         #[cfg(target_arch = "x86_64")]
@@ -366,7 +372,7 @@ fn compute_tile(
         #[cfg(target_arch = "x86_64")]
         Level::AvxVnni | Level::Avx2 => {
             for ii in 0..rx {
-                let (q, c, d) = (&xq[ii * w.k..], &xc[ii * nb * 8..], &xd[ii * nb..]);
+                let (q, c, d) = (&xq[ii * nb..], &xc[ii * nb..], &xd[ii * nb..]);
                 // SAFETY: as above; one activation row per call (16 ymm registers).
                 let r = unsafe {
                     if level == Level::AvxVnni {
@@ -383,7 +389,7 @@ fn compute_tile(
         _ => {
             for (r, row) in tile.iter_mut().enumerate() {
                 for (ii, o) in row.iter_mut().enumerate().take(rx) {
-                    *o = dot_scalar(wq, wd, r, &xq[ii * w.k..(ii + 1) * w.k], &xd[ii * nb..]);
+                    *o = dot_scalar(wq, wd, r, &xq[ii * nb..(ii + 1) * nb], &xd[ii * nb..]);
                 }
             }
         }
@@ -391,10 +397,11 @@ fn compute_tile(
 }
 
 /// The canonical order (module doc) for row `r` of a packed group (`wq`, `wd`) and one activation row
-/// (`xq` int8 bits, `xd` scales): the reference every level meets.
-fn dot_scalar(wq: &[Line], wd: &[u16], r: usize, xq: &[u8], xd: &[f32]) -> f32 {
+/// (`xq` its blocks, `xd` scales): the reference every level meets.
+fn dot_scalar(wq: &[Line], wd: &[u16], r: usize, xq: &[Line], xd: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    for (b, xb) in xq.chunks_exact(BLOCK).enumerate() {
+    for (b, xl) in xq.iter().enumerate() {
+        let xb = &xl.0[..BLOCK];
         let dw = f16::from_bits(wd[b * GROUP + r]).to_f32();
         let s = dw * xd[b];
         let wb = &wq[b * 2 + r / 2].0[(r % 2) * BLOCK..][..BLOCK];
@@ -418,7 +425,7 @@ fn reduce8(a: [f32; 8]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Line, BLOCK, GROUP, TILE_X};
+    use super::{CorrLine, Line, BLOCK, GROUP, TILE_X};
     use std::arch::x86_64::*;
 
     // Loads are intrinsics that take pointers (`lddqu`, `load_si512`, `loadl_epi64`) and pointers advance by
@@ -452,22 +459,22 @@ mod x86 {
     pub unsafe fn tile_avx512<const RX: usize>(
         wq: &[Line],
         wd: &[u16],
-        xq: &[u8],
-        xc: &[i32],
+        xq: &[Line],
+        xc: &[CorrLine],
         xd: &[f32],
         nb: usize,
         out: &mut [[f32; TILE_X]; GROUP],
     ) {
         unsafe {
-            let k = nb * BLOCK;
             let lo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
             let hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
             let mut acc = [[_mm512_setzero_ps(); RX]; 2];
             let mut wp = wq.as_ptr() as *const u8;
             let mut dp = wd.as_ptr();
-            let mut xp: [*const u8; RX] = std::array::from_fn(|r| xq.as_ptr().wrapping_add(r * k));
-            let mut cp: [*const i32; RX] =
-                std::array::from_fn(|r| xc.as_ptr().wrapping_add(r * nb * 8));
+            let mut xp: [*const Line; RX] =
+                std::array::from_fn(|r| xq.as_ptr().wrapping_add(r * nb));
+            let mut cp: [*const CorrLine; RX] =
+                std::array::from_fn(|r| xc.as_ptr().wrapping_add(r * nb));
             let mut sp: [*const f32; RX] =
                 std::array::from_fn(|r| xd.as_ptr().wrapping_add(r * nb));
             for _ in 0..nb {
@@ -478,16 +485,16 @@ mod x86 {
                 let d4 = _mm512_castps128_ps512(scales(dp));
                 let dw = [_mm512_permutexvar_ps(lo, d4), _mm512_permutexvar_ps(hi, d4)];
                 for r in 0..RX {
-                    let xv = _mm512_broadcast_i64x4(load256!(xp[r]));
-                    let cv = _mm512_broadcast_i64x4(load256!(cp[r]));
+                    let xv = _mm512_load_si512(xp[r] as *const __m512i);
+                    let cv = _mm512_load_si512(cp[r] as *const __m512i);
                     let dx = _mm512_broadcastss_ps(_mm_load_ss(sp[r]));
                     for p in 0..2 {
                         let sum = _mm512_dpbusd_epi32(cv, w[p], xv);
                         let s = _mm512_mul_ps(dw[p], dx);
                         acc[p][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, acc[p][r]);
                     }
-                    xp[r] = xp[r].wrapping_add(BLOCK);
-                    cp[r] = cp[r].wrapping_add(8);
+                    xp[r] = xp[r].wrapping_add(1);
+                    cp[r] = cp[r].wrapping_add(1);
                     sp[r] = sp[r].wrapping_add(1);
                 }
                 wp = wp.wrapping_add(128);
@@ -511,8 +518,8 @@ mod x86 {
     pub unsafe fn tile_avxvnni(
         wq: &[Line],
         wd: &[u16],
-        xq: &[u8],
-        xc: &[i32],
+        xq: &[Line],
+        xc: &[CorrLine],
         xd: &[f32],
         nb: usize,
     ) -> [f32; GROUP] {
@@ -534,8 +541,8 @@ mod x86 {
                 }
                 wp = wp.wrapping_add(128);
                 dp = dp.wrapping_add(GROUP);
-                xp = xp.wrapping_add(BLOCK);
-                cp = cp.wrapping_add(8);
+                xp = xp.wrapping_add(1);
+                cp = cp.wrapping_add(1);
                 sp = sp.wrapping_add(1);
             }
             std::array::from_fn(|r| reduce256(acc[r]))
@@ -549,7 +556,7 @@ mod x86 {
     pub unsafe fn tile_avx2(
         wq: &[Line],
         wd: &[u16],
-        xq: &[u8],
+        xq: &[Line],
         xd: &[f32],
         nb: usize,
     ) -> [f32; GROUP] {
@@ -573,7 +580,7 @@ mod x86 {
                 }
                 wp = wp.wrapping_add(128);
                 dp = dp.wrapping_add(GROUP);
-                xp = xp.wrapping_add(BLOCK);
+                xp = xp.wrapping_add(1);
                 sp = sp.wrapping_add(1);
             }
             std::array::from_fn(|r| reduce256(acc[r]))
