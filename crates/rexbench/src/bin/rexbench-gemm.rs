@@ -384,10 +384,10 @@ fn q8_sweep(budget: Duration) -> anyhow::Result<()> {
         bytes as f64 / 1e6
     );
     println!(
-        "| m | candle QMatMul | ours {} | ours vs candle |",
+        "| m | candle QMatMul | ours {} | ours vs candle | read only (the same bytes, no arithmetic) | read only / ours |",
         cpu_q8::Level::best().name()
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for m in [1usize, 4] {
         let xs: Vec<(Vec<bf16>, Tensor)> = [2048usize, 11008]
             .iter()
@@ -414,12 +414,19 @@ fn q8_sweep(budget: Duration) -> anyhow::Result<()> {
                 ));
             }
         });
+        let t_read = best(budget, || {
+            for (_, _, _, w) in &ws {
+                std::hint::black_box(w.read_all());
+            }
+        });
         let gbs = |ms: f64| format!("{ms:.1} ({:.1})", bytes as f64 / ms / 1e6);
         println!(
-            "| {m} | {} | {} | {:.2}× |",
+            "| {m} | {} | {} | {:.2}× | {} | {:.0} % |",
             gbs(t_candle),
             gbs(t_ours),
-            t_candle / t_ours
+            t_candle / t_ours,
+            gbs(t_read),
+            100.0 * t_read / t_ours
         );
     }
     Ok(())
