@@ -170,10 +170,14 @@ impl Drop for Lines {
     }
 }
 
-/// One 64-byte cache line of an activation block's corrections, the 8 values twice.
+/// One activation block in one 64-byte line: its 32 int8 values, then `−128 ·` the sum of values `4l..4l+4`
+/// for l = 0..8 (`vpdpbusd`'s starting value, turning `Σ (w + 128) · x` into `Σ w · x`).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct CorrLine([i32; 16]);
+struct XLine {
+    q: [u8; 32],
+    corr: [i32; 8],
+}
 
 /// A Q8_0 weight `[n, k]` repacked for the kernel (module doc): per group of 4 rows and per block, two lines
 /// (rows 0 and 1, rows 2 and 3; 32 values each, stored `w + 128`), and the 4 f16 scales. Rows past `n` (the last
@@ -285,12 +289,8 @@ impl Activation for bf16 {
 pub struct QuantRows {
     m: usize,
     k: usize,
-    /// `[m, k / 32]` lines: each block's 32 int8 values twice (one aligned load fills both halves of a 512-bit
-    /// register, whose halves hold two weight rows).
-    q: Vec<Line>,
-    /// `[m, k / 32]` lines: `−128 ·` the sum of values `4l..4l+4` of the block for l = 0..8, twice
-    /// (`vpdpbusd`'s starting value).
-    corr: Vec<CorrLine>,
+    /// `[m, k / 32]` blocks (a row of k = 11008 is 22 KiB: it stays in L1 while the weights stream past).
+    q: Vec<XLine>,
     /// `[m, k / 32]` block scales.
     d: Vec<f32>,
 }
@@ -300,13 +300,15 @@ impl QuantRows {
     pub fn new<T: Activation>(x: &[T], m: usize, k: usize) -> QuantRows {
         assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
         assert_eq!(k % BLOCK, 0, "k = {k} is not a multiple of {BLOCK}");
-        let mut q = vec![Line([0; 64]); m * k / BLOCK];
-        let mut corr = vec![CorrLine([0; 16]); m * k / BLOCK];
+        let zero = XLine {
+            q: [0; 32],
+            corr: [0; 8],
+        };
+        let mut q = vec![zero; m * k / BLOCK];
         let mut d = vec![0f32; m * k / BLOCK];
         let mut v = [0f32; BLOCK];
-        for (((xb, ql), cl), db) in x.chunks_exact(BLOCK).zip(&mut q).zip(&mut corr).zip(&mut d) {
-            let (qb, qb2) = ql.0.split_at_mut(BLOCK);
-            let (cb, cb2) = cl.0.split_at_mut(8);
+        for ((xb, xl), db) in x.chunks_exact(BLOCK).zip(&mut q).zip(&mut d) {
+            let (qb, cb) = (&mut xl.q, &mut xl.corr);
             let mut amax = 0f32;
             for (vi, &xi) in v.iter_mut().zip(xb) {
                 *vi = xi.to_f32();
@@ -321,14 +323,12 @@ impl QuantRows {
             for (c, q4) in cb.iter_mut().zip(qb.chunks_exact(4)) {
                 *c = -128 * q4.iter().map(|&b| b as i8 as i32).sum::<i32>();
             }
-            qb2.copy_from_slice(qb);
-            cb2.copy_from_slice(cb);
             // The scale as ggml keeps it for Q8_0's dot partner (f16), so that the quantized activation is
             // exactly candle's and only the summation order differs from `QMatMul` (the f16 rounding, 2^-11
             // relative, is far below the 8-bit rounding of the values).
             *db = f16::from_f32(scale).to_f32();
         }
-        QuantRows { m, k, q, corr, d }
+        QuantRows { m, k, q, d }
     }
 }
 
@@ -395,11 +395,14 @@ pub fn matmul_quantized<O: Output>(
         .into_par_iter()
         .for_each(|t| {
             let mut tile = [[0f32; TILE_X]; GROUP];
-            for g in t * per_task..((t + 1) * per_task).min(groups) {
-                let rw = (n - g * GROUP).min(GROUP);
-                let mut i = 0;
-                while i < m {
-                    let rx = (m - i).min(TILE_X);
+            // Activation tiles outside, weight groups inside: the task's weights (≤ TASK_BYTES) stay in L2 while
+            // each tile of activation rows passes over them (with many rows the quantized activation is larger
+            // than L2 and would otherwise be streamed again for every group). With m ≤ 4 there is one tile.
+            let mut i = 0;
+            while i < m {
+                let rx = (m - i).min(TILE_X);
+                for g in t * per_task..((t + 1) * per_task).min(groups) {
+                    let rw = (n - g * GROUP).min(GROUP);
                     compute_tile(level, w, x, g, i, rx, &mut tile);
                     for (jj, col) in tile.iter().enumerate().take(rw) {
                         let j = g * GROUP + jj;
@@ -409,8 +412,8 @@ pub fn matmul_quantized<O: Output>(
                             unsafe { *out_ptr.at((i + ii) * n + j) = O::from_f32(v + b) };
                         }
                     }
-                    i += rx;
                 }
+                i += rx;
             }
         });
     out
@@ -442,7 +445,6 @@ fn compute_tile(
     let wq = &w.q[g * nb * 2..(g + 1) * nb * 2];
     let wd = &w.d[g * nb * GROUP..(g + 1) * nb * GROUP];
     let xq = &x.q[i * nb..(i + rx) * nb];
-    let xc = &x.corr[i * nb..(i + rx) * nb];
     let xd = &x.d[i * nb..(i + rx) * nb];
     match level {
         #[cfg(target_arch = "x86_64")]
@@ -450,21 +452,21 @@ fn compute_tile(
             // SAFETY: `Level::available` checked the features; the slices hold `rx` rows of `nb` blocks.
             unsafe {
                 match rx {
-                    1 => x86::tile_avx512::<1>(wq, wd, xq, xc, xd, nb, tile),
-                    2 => x86::tile_avx512::<2>(wq, wd, xq, xc, xd, nb, tile),
-                    3 => x86::tile_avx512::<3>(wq, wd, xq, xc, xd, nb, tile),
-                    _ => x86::tile_avx512::<4>(wq, wd, xq, xc, xd, nb, tile),
+                    1 => x86::tile_avx512::<1>(wq, wd, xq, xd, nb, tile),
+                    2 => x86::tile_avx512::<2>(wq, wd, xq, xd, nb, tile),
+                    3 => x86::tile_avx512::<3>(wq, wd, xq, xd, nb, tile),
+                    _ => x86::tile_avx512::<4>(wq, wd, xq, xd, nb, tile),
                 }
             }
         }
         #[cfg(target_arch = "x86_64")]
         Level::AvxVnni | Level::Avx2 => {
             for ii in 0..rx {
-                let (q, c, d) = (&xq[ii * nb..], &xc[ii * nb..], &xd[ii * nb..]);
+                let (q, d) = (&xq[ii * nb..], &xd[ii * nb..]);
                 // SAFETY: as above; one activation row per call (16 ymm registers).
                 let r = unsafe {
                     if level == Level::AvxVnni {
-                        x86::tile_avxvnni(wq, wd, q, c, d, nb)
+                        x86::tile_avxvnni(wq, wd, q, d, nb)
                     } else {
                         x86::tile_avx2(wq, wd, q, d, nb)
                     }
@@ -486,10 +488,10 @@ fn compute_tile(
 
 /// The canonical order (module doc) for row `r` of a packed group (`wq`, `wd`) and one activation row
 /// (`xq` its blocks, `xd` scales): the reference every level meets.
-fn dot_scalar(wq: &[Line], wd: &[u16], r: usize, xq: &[Line], xd: &[f32]) -> f32 {
+fn dot_scalar(wq: &[Line], wd: &[u16], r: usize, xq: &[XLine], xd: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     for (b, xl) in xq.iter().enumerate() {
-        let xb = &xl.0[..BLOCK];
+        let xb = &xl.q;
         let dw = f16::from_bits(wd[b * GROUP + r]).to_f32();
         let s = dw * xd[b];
         let wb = &wq[b * 2 + r / 2].0[(r % 2) * BLOCK..][..BLOCK];
@@ -513,7 +515,7 @@ fn reduce8(a: [f32; 8]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{CorrLine, Line, BLOCK, GROUP, TILE_X};
+    use super::{Line, XLine, BLOCK, GROUP, TILE_X};
     use std::arch::x86_64::*;
 
     // Loads are intrinsics that take pointers (`lddqu`, `load_si512`, `loadl_epi64`) and pointers advance by
@@ -547,8 +549,7 @@ mod x86 {
     pub unsafe fn tile_avx512<const RX: usize>(
         wq: &[Line],
         wd: &[u16],
-        xq: &[Line],
-        xc: &[CorrLine],
+        xq: &[XLine],
         xd: &[f32],
         nb: usize,
         out: &mut [[f32; TILE_X]; GROUP],
@@ -559,10 +560,8 @@ mod x86 {
             let mut acc = [[_mm512_setzero_ps(); RX]; 2];
             let mut wp = wq.as_ptr() as *const u8;
             let mut dp = wd.as_ptr();
-            let mut xp: [*const Line; RX] =
+            let mut xp: [*const XLine; RX] =
                 std::array::from_fn(|r| xq.as_ptr().wrapping_add(r * nb));
-            let mut cp: [*const CorrLine; RX] =
-                std::array::from_fn(|r| xc.as_ptr().wrapping_add(r * nb));
             let mut sp: [*const f32; RX] =
                 std::array::from_fn(|r| xd.as_ptr().wrapping_add(r * nb));
             for _ in 0..nb {
@@ -573,8 +572,11 @@ mod x86 {
                 let d4 = _mm512_castps128_ps512(scales(dp));
                 let dw = [_mm512_permutexvar_ps(lo, d4), _mm512_permutexvar_ps(hi, d4)];
                 for r in 0..RX {
-                    let xv = _mm512_load_si512(xp[r] as *const __m512i);
-                    let cv = _mm512_load_si512(cp[r] as *const __m512i);
+                    // Aligned 256-bit loads broadcast to both halves (one `vbroadcasti64x4` each).
+                    let xv = _mm512_broadcast_i64x4(_mm256_load_si256(xp[r] as *const __m256i));
+                    let cv = _mm512_broadcast_i64x4(_mm256_load_si256(
+                        (xp[r] as *const __m256i).wrapping_add(1),
+                    ));
                     let dx = _mm512_broadcastss_ps(_mm_load_ss(sp[r]));
                     for p in 0..2 {
                         let sum = _mm512_dpbusd_epi32(cv, w[p], xv);
@@ -582,7 +584,7 @@ mod x86 {
                         acc[p][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, acc[p][r]);
                     }
                     xp[r] = xp[r].wrapping_add(1);
-                    cp[r] = cp[r].wrapping_add(1);
+
                     sp[r] = sp[r].wrapping_add(1);
                 }
                 wp = wp.wrapping_add(128);
@@ -606,8 +608,7 @@ mod x86 {
     pub unsafe fn tile_avxvnni(
         wq: &[Line],
         wd: &[u16],
-        xq: &[Line],
-        xc: &[CorrLine],
+        xq: &[XLine],
         xd: &[f32],
         nb: usize,
     ) -> [f32; GROUP] {
@@ -615,11 +616,11 @@ mod x86 {
             let idx: [__m256i; GROUP] = std::array::from_fn(|r| _mm256_set1_epi32(r as i32));
             let mut acc = [_mm256_setzero_ps(); GROUP];
             let (mut wp, mut dp) = (wq.as_ptr() as *const u8, wd.as_ptr());
-            let (mut xp, mut cp, mut sp) = (xq.as_ptr(), xc.as_ptr(), xd.as_ptr());
+            let (mut xp, mut sp) = (xq.as_ptr(), xd.as_ptr());
             for _ in 0..nb {
                 let d4 = _mm256_castps128_ps256(scales(dp));
                 let xv = load256!(xp);
-                let cv = load256!(cp);
+                let cv = load256!((xp as *const u8).wrapping_add(32));
                 let dx = _mm256_broadcastss_ps(_mm_load_ss(sp));
                 for r in 0..GROUP {
                     let wv = load256!(wp.wrapping_add(r * BLOCK));
@@ -630,7 +631,6 @@ mod x86 {
                 wp = wp.wrapping_add(128);
                 dp = dp.wrapping_add(GROUP);
                 xp = xp.wrapping_add(1);
-                cp = cp.wrapping_add(1);
                 sp = sp.wrapping_add(1);
             }
             std::array::from_fn(|r| reduce256(acc[r]))
@@ -644,7 +644,7 @@ mod x86 {
     pub unsafe fn tile_avx2(
         wq: &[Line],
         wd: &[u16],
-        xq: &[Line],
+        xq: &[XLine],
         xd: &[f32],
         nb: usize,
     ) -> [f32; GROUP] {
