@@ -1,9 +1,12 @@
 //! bf16 `y = x · Wᵀ` on the CPU at the real model's layer shapes: candle's path, the previous few-row
 //! kernel, the `gemmkit` crate and rexomni's packed GEMM (gemm_bf16.rs), in one process so the ratios share
-//! the machine's state; then f32 at the decode shapes: candle against rexomni's few-row kernel (cpu_f32.rs).
+//! the machine's state; then f32 at the decode shapes: candle against rexomni's few-row kernel (cpu_f32.rs);
+//! `--q8`: Q8_0 weights, candle's `QMatMul` against rexomni's kernel (cpu_q8.rs), GB/s of weight bytes read.
 //!
 //! In: nothing (random bf16 operands; `--quick` for fewer shapes, `--f32` for the f32 table only, `--levels`
-//! for rexomni's packed GEMM on each instruction-set level of this CPU only: AMX, AVX-512 BF16, AVX2+FMA). Out: one table on stdout, ms per call (the
+//! for rexomni's packed GEMM on each instruction-set level of this CPU only (AMX, AVX-512 BF16, AVX2+FMA),
+//! `--q8` for the Q8_0 table only, `--q8-sweep` for one decode step's Q8_0 weights against a plain read).
+//! Out: one table on stdout, ms per call (the
 //! fastest of the repeats: the machine is shared, and the minimum is the least disturbed) and GFLOP/s
 //! (2·m·k·n). Runs on the main thread and the rayon pool (`RAYON_NUM_THREADS`).
 //!
@@ -89,6 +92,12 @@ fn main() -> anyhow::Result<()> {
     }
     if std::env::args().any(|a| a == "--levels") {
         return levels_table(quick);
+    }
+    if std::env::args().any(|a| a == "--q8-sweep") {
+        return q8_sweep(Duration::from_millis(2000));
+    }
+    if std::env::args().any(|a| a == "--q8") {
+        return q8_table(quick);
     }
     let shapes = bf16_shapes(quick);
     let budget = Duration::from_millis(if quick { 300 } else { 1000 });
@@ -292,6 +301,200 @@ fn f32_table(quick: bool) -> anyhow::Result<()> {
             gbs(t_ours),
             t_candle / t_ours,
             diff / scale
+        );
+    }
+    Ok(())
+}
+
+/// Q8_0 `x · Wᵀ` with bf16 activations and outputs (a q8 layer of a bf16 model): candle's `QMatMul` (what
+/// `REXOMNI_Q8_KERNEL=candle` runs) against rexomni's kernel (cpu_q8.rs) at each level of this CPU. Both
+/// quantize the activation inside the timed call. GB/s = Q8_0 bytes of the weight (34 per 32) / time.
+fn q8_table(quick: bool) -> anyhow::Result<()> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::Module;
+    use rexomni::model::cpu_q8::{self, PackedQ8};
+    let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
+        ("decode gate/up", 1, 2048, 11008),
+        ("decode gate/up", 4, 2048, 11008),
+        ("decode down", 1, 11008, 2048),
+        ("decode down", 4, 11008, 2048),
+        ("decode q/o", 1, 2048, 2048),
+        ("decode q/o", 4, 2048, 2048),
+        ("lm_head", 1, 2048, 151936),
+        ("lm_head", 4, 2048, 151936),
+        ("draft block", 16, 2048, 11008),
+        ("draft block", 64, 2048, 11008),
+        ("prefill gate/up", 512, 2048, 11008),
+    ];
+    if quick {
+        shapes.retain(|s| s.0 != "lm_head" && s.1 <= 64);
+    }
+    let budget = Duration::from_millis(if quick { 300 } else { 1000 });
+    let levels = cpu_q8::Level::available();
+    println!();
+    println!(
+        "# Q8_0 x·Wᵀ, bf16 x and y, {} rayon threads; best-of-repeats ms (GB/s of Q8_0 weight bytes read)",
+        rayon::current_num_threads()
+    );
+    let names: Vec<String> = levels
+        .iter()
+        .map(|l| format!("ours {}", l.name()))
+        .collect();
+    println!(
+        "| layer | m | k | n | candle QMatMul | {} | ours vs candle | max rel diff ours/candle vs f32 |",
+        names.join(" | ")
+    );
+    println!(
+        "|---|---|---|---|---|{}---|---|",
+        "---|".repeat(levels.len())
+    );
+    for (what, m, k, n) in shapes {
+        let bytes = (n * k / 32 * 34) as f64;
+        let cell = |ms: f64| format!("{ms:.2} ({:.1})", bytes / ms / 1e6);
+        let dev = Device::Cpu;
+        let wf = Tensor::from_vec(
+            values(n * k, 2)
+                .iter()
+                .map(|v| v.to_f32())
+                .collect::<Vec<f32>>(),
+            (n, k),
+            &dev,
+        )?;
+        let q = QTensor::quantize(&wf, GgmlDType::Q8_0)?;
+        let exact: Vec<f32>;
+        let x = values(m * k, 1);
+        let xt = Tensor::from_slice(&x, (m, k), &dev)?;
+        {
+            let wd = q.dequantize(&dev)?;
+            exact = xt
+                .to_dtype(candle_core::DType::F32)?
+                .matmul(&wd.t()?)?
+                .flatten_all()?
+                .to_vec1()?;
+        }
+        let qm = QMatMul::from_qtensor(q)?;
+        let QMatMul::QTensor(qt) = &qm else {
+            anyhow::bail!("QMatMul dequantized the weight (CANDLE_DEQUANTIZE_ALL?)")
+        };
+        let w = PackedQ8::from_q8_0(&qt.data()?, n, k)?;
+        let candle_y: Vec<f32> = qm
+            .forward(&xt)?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let t_candle = best(budget, || {
+            std::hint::black_box(qm.forward(&xt).unwrap());
+        });
+        let ours_y: Vec<bf16> = cpu_q8::matmul_on(levels[0], &w, &x, m, None);
+        let times: Vec<f64> = levels
+            .iter()
+            .map(|&l| {
+                best(budget, || {
+                    std::hint::black_box(cpu_q8::matmul_on::<bf16, bf16>(l, &w, &x, m, None));
+                })
+            })
+            .collect();
+        let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-30);
+        let diff = |y: &mut dyn Iterator<Item = f32>| {
+            y.zip(&exact).fold(0f32, |a, (p, q)| a.max((p - q).abs())) / scale
+        };
+        println!(
+            "| {what} | {m} | {k} | {n} | {} | {} | {:.2}× | {:.1e} / {:.1e} |",
+            cell(t_candle),
+            times
+                .iter()
+                .map(|&t| cell(t))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            t_candle / times[0],
+            diff(&mut ours_y.iter().map(|v| v.to_f32())),
+            diff(&mut candle_y.iter().copied()),
+        );
+    }
+    q8_sweep(budget)
+}
+
+/// Every linear weight of the real-width 4-layer config's decoder plus the tied lm_head, each its own Q8_0
+/// tensor (658 MB in all, more than this VM's caches; candle's blocks and our packed copy both held, each read by its own kernel), called in model order: what one decode step reads, cold.
+/// The table above calls one weight repeatedly, so a weight that fits in the last-level cache is read from there.
+fn q8_sweep(budget: Duration) -> anyhow::Result<()> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::Module;
+    use rexomni::model::cpu_q8::{self, PackedQ8};
+    let dev = Device::Cpu;
+    let mut layers: Vec<(usize, usize)> = Vec::new();
+    for _ in 0..4 {
+        layers.extend([(2048, 2048), (2048, 256), (2048, 256), (2048, 2048)]);
+        layers.extend([(2048, 11008), (2048, 11008), (11008, 2048)]);
+    }
+    layers.push((2048, 151936));
+    let mut ws = Vec::new();
+    for (i, &(k, n)) in layers.iter().enumerate() {
+        let wf = Tensor::from_vec(
+            values(n * k, 3 + i as u64)
+                .iter()
+                .map(|v| v.to_f32())
+                .collect::<Vec<f32>>(),
+            (n, k),
+            &dev,
+        )?;
+        let qm = QMatMul::from_qtensor(QTensor::quantize(&wf, GgmlDType::Q8_0)?)?;
+        let QMatMul::QTensor(q) = &qm else {
+            anyhow::bail!("QMatMul dequantized the weight (CANDLE_DEQUANTIZE_ALL?)")
+        };
+        let packed = PackedQ8::from_q8_0(&q.data()?, n, k)?;
+        ws.push((k, n, qm, packed));
+    }
+    let bytes: usize = layers.iter().map(|&(k, n)| n * k / 32 * 34).sum();
+    println!();
+    println!(
+        "# One decode step's linear layers, cold: 4 × (q, k, v, o, gate, up, down) + lm_head at the real widths, {:.0} MB of Q8_0; best-of-repeats ms (GB/s)",
+        bytes as f64 / 1e6
+    );
+    println!(
+        "| m | candle QMatMul | ours {} | ours vs candle | read only (the same bytes, no arithmetic) | read only / ours |",
+        cpu_q8::Level::best().name()
+    );
+    println!("|---|---|---|---|---|---|");
+    for m in [1usize, 4] {
+        let xs: Vec<(Vec<bf16>, Tensor)> = [2048usize, 11008]
+            .iter()
+            .map(|&k| {
+                let x = values(m * k, 1);
+                let t = Tensor::from_slice(&x, (m, k), &dev).unwrap();
+                (x, t)
+            })
+            .collect();
+        let x_for = |k: usize| &xs[usize::from(k != 2048)];
+        let t_candle = best(budget, || {
+            for (k, _, qm, _) in &ws {
+                std::hint::black_box(qm.forward(&x_for(*k).1).unwrap());
+            }
+        });
+        let t_ours = best(budget, || {
+            for (k, _, _, w) in &ws {
+                std::hint::black_box(cpu_q8::matmul_on::<bf16, bf16>(
+                    cpu_q8::Level::best(),
+                    w,
+                    &x_for(*k).0,
+                    m,
+                    None,
+                ));
+            }
+        });
+        let t_read = best(budget, || {
+            for (_, _, _, w) in &ws {
+                std::hint::black_box(w.read_all());
+            }
+        });
+        let gbs = |ms: f64| format!("{ms:.1} ({:.1})", bytes as f64 / ms / 1e6);
+        println!(
+            "| {m} | {} | {} | {:.2}× | {} | {:.0} % |",
+            gbs(t_candle),
+            gbs(t_ours),
+            t_candle / t_ours,
+            gbs(t_read),
+            100.0 * t_read / t_ours
         );
     }
     Ok(())

@@ -25,6 +25,7 @@ use candle_nn::VarBuilder;
 
 use super::awq::{self, AwqConfig, AwqLayer};
 use super::cpu_bf16;
+use super::cpu_q8::{self, PackedQ8};
 use super::gemm_bf16::PackedBf16;
 
 /// How linear weights are held in memory (`[model] weights`).
@@ -73,6 +74,14 @@ pub enum Linear {
         /// The same bias widened once, added in f32 before the output's single rounding.
         bias_f32: Option<Arc<Vec<f32>>>,
     },
+    /// A Q8_0 weight on the CPU, repacked once for cpu_q8.rs (candle's `QTensor` is dropped: one copy).
+    PackedQ8 {
+        w: Arc<PackedQ8>,
+        /// `[out]` in the weight dtype, as loaded.
+        bias: Option<Tensor>,
+        /// The same bias widened once, added in f32 before the output's single rounding.
+        bias_f32: Option<Arc<Vec<f32>>>,
+    },
     Quant {
         w: QMatMul,
         bias: Option<Tensor>,
@@ -89,6 +98,7 @@ impl Linear {
             Self::PackedBf16 { w, bias, bias_f32 } => {
                 cpu_bf16::packed_forward(w, bias.as_ref(), bias_f32.as_deref(), x)
             }
+            Self::PackedQ8 { w, bias, bias_f32 } => packed_q8(w, bias, bias_f32, x, false),
             Self::Quant { w, bias, .. } => {
                 // QMatMul takes any leading dims and returns x's dtype (bf16/f16/f32 on CPU and CUDA).
                 let y = w.forward(&x.contiguous()?)?;
@@ -108,6 +118,7 @@ impl Linear {
         match self {
             Self::Dense(l) => t(l.weight()) + l.bias().map_or(0, t),
             Self::PackedBf16 { w, bias: b, .. } => w.packed_bytes() + bias(b),
+            Self::PackedQ8 { w, bias: b, .. } => w.packed_bytes() + bias(b),
             Self::Quant { w, bias: b, .. } => {
                 bias(b)
                     + match w {
@@ -125,6 +136,7 @@ impl Linear {
                 w: QMatMul::QTensor(q),
                 ..
             } => Some(q.dtype()),
+            Self::PackedQ8 { .. } => Some(GgmlDType::Q8_0),
             _ => None,
         }
     }
@@ -135,6 +147,9 @@ impl Linear {
             Self::Dense(l) => l.weight().to_dtype(DType::F32),
             Self::PackedBf16 { w, .. } => {
                 Tensor::from_vec(w.unpack(), (w.n(), w.k()), &Device::Cpu)?.to_dtype(DType::F32)
+            }
+            Self::PackedQ8 { w, .. } => {
+                Tensor::from_vec(w.dequantize(), (w.n(), w.k()), &Device::Cpu)
             }
             Self::Quant { w, .. } => match w {
                 QMatMul::QTensor(q) => q.dequantize(&q.device()),
@@ -157,6 +172,8 @@ pub fn linear_forward_f32(l: &Linear, x: &Tensor) -> Result<Tensor> {
         Linear::PackedBf16 { w, bias, bias_f32 } => {
             cpu_bf16::packed_forward_f32(w, bias.as_ref(), bias_f32.as_deref(), x)
         }
+        // Our Q8_0 kernel returns its f32 sums unrounded, like the packed bf16 layer.
+        Linear::PackedQ8 { w, bias, bias_f32 } => packed_q8(w, bias, bias_f32, x, true),
         Linear::Quant { .. } => l.forward(x)?.to_dtype(DType::F32),
     }
 }
@@ -262,11 +279,7 @@ impl LinearLoader {
         let host = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         let q = QTensor::quantize_onto(&host, ty, &device)?;
         self.record(name, &type_name(ty), "checkpoint");
-        Ok(Linear::Quant {
-            w: QMatMul::from_qtensor(q)?,
-            bias,
-            out_dim,
-        })
+        quant(q, bias, out_dim)
     }
 
     fn finish_awq(&self, layer: AwqLayer, bias: Option<Tensor>, vb: &VarBuilder) -> Result<Linear> {
@@ -290,11 +303,7 @@ impl LinearLoader {
         let storage = QStorage::from_data(Cow::Borrowed(blocks.as_bytes()), &device, ty)?;
         let q = QTensor::new(storage, (out_dim, in_dim))?;
         self.record(&name, &type_name(ty), "awq");
-        Ok(Linear::Quant {
-            w: QMatMul::from_qtensor(q)?,
-            bias,
-            out_dim,
-        })
+        quant(q, bias, out_dim)
     }
 
     fn record(&self, name: &str, ty: &str, source: &'static str) {
@@ -329,6 +338,54 @@ fn dense(w: Tensor, bias: Option<Tensor>) -> Result<Linear> {
         bias,
         bias_f32,
     })
+}
+
+/// A quantized layer: a CPU Q8_0 weight repacked for cpu_q8.rs (unless `REXOMNI_Q8_KERNEL=candle`), anything
+/// else candle's `QMatMul`.
+fn quant(q: QTensor, bias: Option<Tensor>, out_dim: usize) -> Result<Linear> {
+    if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() && cpu_q8::enabled() {
+        let (n, k) = q.shape().dims2()?;
+        let w = PackedQ8::from_q8_0(&q.data()?, n, k)?;
+        let bias_f32 = match &bias {
+            Some(b) => Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+            None => None,
+        };
+        return Ok(Linear::PackedQ8 {
+            w: Arc::new(w),
+            bias,
+            bias_f32,
+        });
+    }
+    Ok(Linear::Quant {
+        w: QMatMul::from_qtensor(q)?,
+        bias,
+        out_dim,
+    })
+}
+
+/// A packed Q8_0 layer's forward: cpu_q8.rs for bf16 / f32 activations on the CPU; another dtype (never in a
+/// bf16 or f32 model) through the dequantized weight.
+fn packed_q8(
+    w: &PackedQ8,
+    bias: &Option<Tensor>,
+    bias_f32: &Option<Arc<Vec<f32>>>,
+    x: &Tensor,
+    f32_out: bool,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::BF16 | DType::F32) {
+        return cpu_q8::forward(w, bias_f32.as_ref().map(|b| b.as_slice()), x, f32_out);
+    }
+    let wt = Tensor::from_vec(w.dequantize(), (w.n(), w.k()), x.device())?.to_dtype(x.dtype())?;
+    let k = w.k();
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("x has a last dimension") = w.n();
+    let y = x.reshape(((), k))?.matmul(&wt.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
+        None => y,
+    };
+    let y = if f32_out { y.to_dtype(DType::F32)? } else { y };
+    y.reshape(dims)
 }
 
 fn type_name(t: GgmlDType) -> String {

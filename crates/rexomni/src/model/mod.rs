@@ -11,6 +11,7 @@ pub mod bf16_lanes;
 pub mod config;
 pub mod cpu_bf16;
 pub mod cpu_f32;
+pub mod cpu_q8;
 pub mod gemm_bf16;
 pub mod huge_pages;
 pub mod kv_slots;
