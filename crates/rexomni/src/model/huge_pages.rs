@@ -8,6 +8,8 @@
 //! Measured on this VM, a plain 1 GiB read loop: 11.6–12.9 GB/s with 4 KiB pages, 14.6–16.8 GB/s with huge
 //! pages. Where the kernel refuses (THP off, other OSes), the array simply stays on 4 KiB pages.
 //!
+//! Also [`keep_freed_memory`], which stops glibc from handing a decode step's temporaries back to the kernel.
+//!
 //! In: a length and a fill value. Out: a buffer that dereferences to `[T]`. Filled on candle's rayon pool, so the
 //! pages are first touched in parallel at load time.
 
@@ -87,6 +89,28 @@ impl<T: Copy> Drop for HugeBuf<T> {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), Self::layout(self.len)) }
+    }
+}
+
+/// Keeps freed memory in the process instead of handing it back to the kernel (glibc malloc): every decode step
+/// allocates and frees the same large temporaries (the KV-cache concatenations, f32 widenings in attention,
+/// GEMM outputs and operand copies, hundreds of KiB each, per layer), and glibc's defaults serve blocks from
+/// 128 KiB up with fresh `mmap`s and trim freed heap tops, so each step paid page faults and the kernel's zeroing
+/// of fresh pages again (13 % of a real-config decode step in `perf`: `clear_page_erms`, `exc_page_fault`).
+/// With blocks up to 32 MiB (glibc's maximum) from the heap and trimming only past 1 GiB free, they are reused:
+/// the real 3B config's batch-1 decode step went from 291 to 241 ms on this VM (docs/benchmarks.md). Called
+/// once per process when a model loads; a no-op other than on glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes malloc's thresholds; both values are within glibc's limits.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            }
+        });
     }
 }
 

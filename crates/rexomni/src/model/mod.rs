@@ -100,6 +100,8 @@ impl Qwen25Vl {
     ) -> Result<Self, ModelError> {
         let device = text_vb.device().clone();
         let dtype = text_vb.dtype();
+        // A model in this process: its per-step temporaries should reuse freed memory (huge_pages.rs).
+        huge_pages::keep_freed_memory();
         let vision = vision::VisionTower::new(&cfg.vision, vision_vb, lin)?;
         let text = text::TextModel::new(&cfg.text, text_vb, lm_head, lin)?;
         Ok(Self {
