@@ -246,10 +246,10 @@ impl Attention {
     /// One decode pass over preallocated [`KvSlots`] (continuous batching): row `i` of `x` (`[B, l, H]`) is slot
     /// `rows[i]`; its `l` new keys and values are written in place from column `lens[i]` (its own length).
     /// - `l == 1`, a step: on the CPU row by row, each over its own columns exactly as a lone step (so every
-    ///   row's bits are its lone decoding's); elsewhere every row attends to columns `0..t` (`t` = longest row
-    ///   + 1), `mask` `[B, 1, 1, t]` hiding each row's columns past its own. The query heads are grouped over their kv head exactly as in a
-    ///   plain decode step, and when the rows are consecutive slots the keys and values are read as strided
-    ///   views of the slots (no gather).
+    ///   row's bits are its lone decoding's); elsewhere every row attends to columns `0..t` (`t` = longest
+    ///   row + 1), `mask` `[B, 1, 1, t]` hiding each row's columns past its own. The query heads are grouped
+    ///   over their kv head exactly as in a plain decode step, and when the rows are consecutive slots the keys
+    ///   and values are read as strided views of the slots (no gather).
     /// - `l > 1`, a draft verification block: each row sees only its own columns, causally. On the CPU position
     ///   by position with exactly the operands of a lone row's plain decode step (its keys cut to
     ///   `lens[i] + p + 1` columns, contiguous, no mask), so each block row is that step's bit for bit (the
