@@ -285,7 +285,17 @@ impl PackedBf16 {
         let a = amx::pack_rows(x, m, k, kps);
         let mp = m.next_multiple_of(amx::ROWS);
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let (row_blocks, nc, col_blocks) = split(mp, amx::MC, n);
+        let (row_blocks, nc, col_blocks) = if mp <= 2 * amx::ROWS {
+            // Few rows (decode): the call is one stream over the weight, so tasks are cut by weight bytes
+            // (about `amx::TASK_BYTES` of panels each) rather than into a few per thread: the last task of a call
+            // otherwise leaves the other core idle while it streams several MiB (a 704 KiB panel of `down_proj`
+            // times eight), at every one of the ~250 calls of a real-config step.
+            let panels = (amx::TASK_BYTES / (kps * NR * 4)).clamp(1, NC_MAX / NR);
+            let nc = panels * NR;
+            (1, nc, n.div_ceil(nc))
+        } else {
+            split(mp, amx::MC, n)
+        };
         (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
             let (ib, jb) = (t / col_blocks, t % col_blocks);
             let (i0, j0) = (ib * amx::MC, jb * nc);
@@ -509,6 +519,8 @@ mod amx {
     pub const ROWS: usize = 16;
     /// Rows per task: a task's `MC × KC` slice of `x` (128 KiB) stays in L2 while its panels pass.
     pub const MC: usize = 128;
+    /// Weight bytes per task for few rows (decode), where a call streams its weight once.
+    pub const TASK_BYTES: usize = 512 << 10;
 
     /// Whether this CPU has AMX-BF16 and the OS lets this process use the tile registers (asked once).
     pub fn usable() -> bool {
