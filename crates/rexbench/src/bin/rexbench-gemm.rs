@@ -61,13 +61,18 @@ fn max_rel_diff(a: &[bf16], b: &[bf16]) -> f32 {
         / scale
 }
 
+/// The decoder MLP at one and four rows (what, m, k, n), the start of every table's shapes.
+const DECODE_MLP: [(&str, usize, usize, usize); 4] = [
+    ("decode gate/up", 1, 2048, 11008),
+    ("decode gate/up", 4, 2048, 11008),
+    ("decode down", 1, 11008, 2048),
+    ("decode down", 4, 11008, 2048),
+];
+
 /// (what, m, k, n) at the real 3B config; vision rows for a 640×480 frame (1564 patches, 391 merged).
 fn bf16_shapes(quick: bool) -> Vec<(&'static str, usize, usize, usize)> {
-    let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
-        ("decode gate/up", 1, 2048, 11008),
-        ("decode gate/up", 4, 2048, 11008),
-        ("decode down", 1, 11008, 2048),
-        ("decode down", 4, 11008, 2048),
+    let mut shapes = DECODE_MLP.to_vec();
+    shapes.extend([
         ("decode q/o", 4, 2048, 2048),
         ("lm_head", 1, 2048, 151936),
         ("lm_head", 4, 2048, 151936),
@@ -78,7 +83,7 @@ fn bf16_shapes(quick: bool) -> Vec<(&'static str, usize, usize, usize)> {
         ("vision mlp up", 1564, 1280, 3420),
         ("vision mlp down", 1564, 3420, 1280),
         ("merger", 391, 5120, 5120),
-    ];
+    ]);
     if quick {
         shapes.retain(|s| [1, 4, 512].contains(&s.1) && s.0 != "lm_head");
     }
@@ -257,16 +262,13 @@ fn levels_table(quick: bool) -> anyhow::Result<()> {
 /// f32 `x · Wᵀ` at the decode shapes (the CPU default dtype): candle's matmul against rexomni's few-row kernel
 /// (cpu_f32.rs), which reads each weight row once for every row of `x`.
 fn f32_table(quick: bool) -> anyhow::Result<()> {
-    let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
-        ("decode gate/up", 1, 2048, 11008),
-        ("decode gate/up", 4, 2048, 11008),
-        ("decode down", 1, 11008, 2048),
-        ("decode down", 4, 11008, 2048),
+    let mut shapes = DECODE_MLP.to_vec();
+    shapes.extend([
         ("lm_head", 1, 2048, 151936),
         ("lm_head", 4, 2048, 151936),
         ("draft block", 16, 2048, 11008),
         ("draft block", 64, 2048, 11008),
-    ];
+    ]);
     if quick {
         shapes.retain(|s| s.0 != "lm_head");
     }
@@ -313,11 +315,8 @@ fn q8_table(quick: bool) -> anyhow::Result<()> {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::Module;
     use rexomni::model::cpu_q8::{self, PackedQ8};
-    let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
-        ("decode gate/up", 1, 2048, 11008),
-        ("decode gate/up", 4, 2048, 11008),
-        ("decode down", 1, 11008, 2048),
-        ("decode down", 4, 11008, 2048),
+    let mut shapes = DECODE_MLP.to_vec();
+    shapes.extend([
         ("decode q/o", 1, 2048, 2048),
         ("decode q/o", 4, 2048, 2048),
         ("lm_head", 1, 2048, 151936),
@@ -325,7 +324,7 @@ fn q8_table(quick: bool) -> anyhow::Result<()> {
         ("draft block", 16, 2048, 11008),
         ("draft block", 64, 2048, 11008),
         ("prefill gate/up", 512, 2048, 11008),
-    ];
+    ]);
     if quick {
         shapes.retain(|s| s.0 != "lm_head" && s.1 <= 64);
     }

@@ -263,11 +263,14 @@ pub fn rms_norm(x: &Tensor, w: &[f32], eps: f32) -> Result<Tensor> {
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
+/// Deterministic bf16 test tensors, shared by this module's tests and vision_cpu.rs's.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_values {
+    use candle_core::{Device, Tensor};
+    use half::bf16;
 
-    fn rand_bf16(shape: (usize, usize), seed: u64, scale: f32) -> Tensor {
+    /// `shape` bf16 values uniform in [−scale, scale), from a xorshift stream (no RNG dependency).
+    pub fn rand_bf16(shape: (usize, usize), seed: u64, scale: f32) -> Tensor {
         let n = shape.0 * shape.1;
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let v: Vec<bf16> = (0..n)
@@ -281,7 +284,8 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn bits(t: &Tensor) -> Vec<u16> {
+    /// A bf16 tensor's values as bits, for bit-for-bit comparisons.
+    pub fn bits(t: &Tensor) -> Vec<u16> {
         t.flatten_all()
             .unwrap()
             .to_vec1::<bf16>()
@@ -290,6 +294,12 @@ mod tests {
             .map(|b| b.to_bits())
             .collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_values::{bits, rand_bf16};
+    use super::*;
 
     /// The branch-free rounding is `half`'s, bit for bit, on every class of f32: zeros, subnormals, ties,
     /// the largest finite values (which round to infinity), infinities and NaNs.

@@ -319,29 +319,14 @@ impl PackedBf16 {
                         let two = rows_p - r0 >= 2 * amx::ROWS;
                         let ablk = &a[(i0 + r0) * kps + p0..];
                         let cblk = &mut c[r0 * ldc + pj * NR..];
+                        let block = if two {
+                            amx::block::<2>
+                        } else {
+                            amx::block::<1>
+                        };
                         // SAFETY: tiles are configured on this thread; `ablk` holds 16 (32 when `two`) rows of
                         // `kps` words from pair `p0`, `b` `kc` pairs of a panel, `cblk` as many rows of `ldc`.
-                        unsafe {
-                            if two {
-                                amx::block::<2>(
-                                    ablk.as_ptr(),
-                                    kps,
-                                    b.as_ptr(),
-                                    kc,
-                                    cblk.as_mut_ptr(),
-                                    ldc,
-                                )
-                            } else {
-                                amx::block::<1>(
-                                    ablk.as_ptr(),
-                                    kps,
-                                    b.as_ptr(),
-                                    kc,
-                                    cblk.as_mut_ptr(),
-                                    ldc,
-                                )
-                            }
-                        }
+                        unsafe { block(ablk.as_ptr(), kps, b.as_ptr(), kc, cblk.as_mut_ptr(), ldc) }
                     }
                 }
             }

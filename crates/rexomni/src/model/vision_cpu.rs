@@ -484,31 +484,8 @@ unsafe fn wsum_avx2<const G: usize>(
 mod tests {
     use super::*;
     use crate::model::attention::{attend, MAX_SCORE_ELEMS};
+    use crate::model::bf16_lanes::test_values::{bits, rand_bf16};
     use candle_core::DType;
-
-    fn rand_bf16(shape: (usize, usize), seed: u64, std: f32) -> Tensor {
-        // Deterministic values without a RNG dependency: a xorshift stream mapped to [-std, std).
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let v: Vec<bf16> = (0..shape.0 * shape.1)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                bf16::from_f32(((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * std)
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn bits(t: &Tensor) -> Vec<u16> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<bf16>()
-            .unwrap()
-            .iter()
-            .map(|b| b.to_bits())
-            .collect()
-    }
 
     /// The previous path: candle's RoPE on f32 rounded to bf16, then `attend` per sequence.
     fn reference(
