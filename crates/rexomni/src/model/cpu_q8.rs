@@ -229,7 +229,8 @@ pub struct QuantRows {
 }
 
 impl QuantRows {
-    /// Quantizes `x [m, k]` (k a multiple of 32). Scalar code, so every level sees the same values.
+    /// Quantizes `x [m, k]` (k a multiple of 32). The same values on every CPU: the x86 entry only lets the
+    /// compiler vectorize the very same code (see [`round_half_away`]).
     pub fn new<T: Activation>(x: &[T], m: usize, k: usize) -> QuantRows {
         assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
         assert_eq!(k % BLOCK, 0, "k = {k} is not a multiple of {BLOCK}");
@@ -239,29 +240,61 @@ impl QuantRows {
         };
         let mut q = vec![zero; m * k / BLOCK];
         let mut d = vec![0f32; m * k / BLOCK];
-        let mut v = [0f32; BLOCK];
-        for ((xb, xl), db) in x.chunks_exact(BLOCK).zip(&mut q).zip(&mut d) {
-            let (qb, cb) = (&mut xl.q, &mut xl.corr);
-            let mut amax = 0f32;
-            for (vi, &xi) in v.iter_mut().zip(xb) {
-                *vi = xi.to_f32();
-                amax = amax.max(vi.abs());
-            }
-            let scale = amax / 127.0;
-            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            for (qi, &vi) in qb.iter_mut().zip(&v) {
-                // |v · inv| ≤ 127 up to rounding, never 127.5: the i8 cast does not saturate.
-                *qi = (vi * inv).round() as i8 as u8;
-            }
-            for (c, q4) in cb.iter_mut().zip(qb.chunks_exact(4)) {
-                *c = -128 * q4.iter().map(|&b| b as i8 as i32).sum::<i32>();
-            }
-            // The scale as ggml keeps it for Q8_0's dot partner (f16), so that the quantized activation is
-            // exactly candle's and only the summation order differs from `QMatMul` (the f16 rounding, 2^-11
-            // relative, is far below the 8-bit rounding of the values).
-            *db = f16::from_f32(scale).to_f32();
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just checked.
+            unsafe { quantize_blocks_avx2(x, &mut q, &mut d) };
+            return QuantRows { m, k, q, d };
         }
+        quantize_blocks(x, &mut q, &mut d);
         QuantRows { m, k, q, d }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_blocks_avx2<T: Activation>(x: &[T], q: &mut [XLine], d: &mut [f32]) {
+    quantize_blocks(x, q, d)
+}
+
+/// Each 32-value block of `x` to int8 as ggml's Q8_0 does: `scale = max|x| / 127`, `q = round(x / scale)`.
+#[inline(always)]
+fn quantize_blocks<T: Activation>(x: &[T], q: &mut [XLine], d: &mut [f32]) {
+    let mut v = [0f32; BLOCK];
+    for ((xb, xl), db) in x.chunks_exact(BLOCK).zip(q).zip(d) {
+        let (qb, cb) = (&mut xl.q, &mut xl.corr);
+        let mut amax = 0f32;
+        for (vi, &xi) in v.iter_mut().zip(xb) {
+            *vi = xi.to_f32();
+            amax = amax.max(vi.abs());
+        }
+        let scale = amax / 127.0;
+        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        for (qi, &vi) in qb.iter_mut().zip(&v) {
+            // |v · inv| ≤ 127 up to rounding, never 127.5: the i8 cast does not saturate.
+            *qi = round_half_away(vi * inv) as i8 as u8;
+        }
+        for (c, q4) in cb.iter_mut().zip(qb.chunks_exact(4)) {
+            *c = -128 * q4.iter().map(|&b| b as i8 as i32).sum::<i32>();
+        }
+        // The scale as ggml keeps it for Q8_0's dot partner (f16), so that the quantized activation is
+        // exactly candle's and only the summation order differs from `QMatMul` (the f16 rounding, 2^-11
+        // relative, is far below the 8-bit rounding of the values).
+        *db = f16::from_f32(scale).to_f32();
+    }
+}
+
+/// `v.round()` (halves away from zero), bit for bit, in operations that vectorize: `f32::round` is a libm call
+/// per value (ggml's `roundf`), which was 1/5 of a q8 decode step's non-GEMM time. `v − trunc(v)` is exact, so
+/// comparing it with 0.5 decides exactly where `round` does (unlike `floor(|v| + 0.5)`, which rounds
+/// 0.49999997 up).
+#[inline(always)]
+fn round_half_away(v: f32) -> f32 {
+    let t = v.trunc();
+    if (v - t).abs() >= 0.5 {
+        t + 1f32.copysign(v)
+    } else {
+        t
     }
 }
 
@@ -470,6 +503,27 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(g, _mm_shuffle_ps(g, g, 1)))
     }
 
+    /// How far ahead of the weight line being read the kernels ask for the weights (bytes): 32 lines, the
+    /// next ~16 µs of a core's stream at decode rates.
+    const PREFETCH_BYTES: usize = 4096;
+
+    /// Asks for the 128-byte weight line [`PREFETCH_BYTES`] ahead of `wp` (it may lie past the group or the
+    /// weight: prefetches never fault).
+    ///
+    /// Why: a decode step is one pass over the weights, and with plain loads the hardware prefetchers kept
+    /// this VM at ~21 GB/s of Q8_0 (the same as a plain read loop), against the ~30 GB/s that AMX tile loads
+    /// reach on the bf16 weights, whose 16-line loads keep many misses in flight. Asking 4 KiB ahead gave
+    /// 31–33 GB/s on one decode step's weights at one row, 23 GB/s at four (`rexbench-gemm --q8-sweep`,
+    /// docs/benchmarks.md); 1–16 KiB were tried, 4–8 KiB are flat.
+    #[inline(always)]
+    fn prefetch_ahead(wp: *const u8) {
+        // SAFETY: prefetch is a hint; it does not fault on any address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BYTES) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BYTES + 64) as *const i8);
+        }
+    }
+
     /// The group's 4 scales of one block as f32.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
@@ -498,6 +552,7 @@ mod x86 {
             let mut sp: [*const f32; RX] =
                 std::array::from_fn(|r| xd.as_ptr().wrapping_add(r * nb));
             for _ in 0..nb {
+                prefetch_ahead(wp);
                 let w = [
                     _mm512_load_si512(wp as *const __m512i),
                     _mm512_load_si512(wp.wrapping_add(64) as *const __m512i),
@@ -551,6 +606,7 @@ mod x86 {
             let (mut wp, mut dp) = (wq.as_ptr() as *const u8, wd.as_ptr());
             let (mut xp, mut sp) = (xq.as_ptr(), xd.as_ptr());
             for _ in 0..nb {
+                prefetch_ahead(wp);
                 let d4 = _mm256_castps128_ps256(scales(dp));
                 let xv = load256!(xp);
                 let cv = load256!((xp as *const u8).wrapping_add(32));
@@ -589,6 +645,7 @@ mod x86 {
             let (mut wp, mut dp) = (wq.as_ptr() as *const u8, wd.as_ptr());
             let (mut xp, mut sp) = (xq.as_ptr(), xd.as_ptr());
             for _ in 0..nb {
+                prefetch_ahead(wp);
                 let d4 = _mm256_castps128_ps256(scales(dp));
                 let xv = load256!(xp);
                 let dx = _mm256_broadcastss_ps(_mm_load_ss(sp));
@@ -730,6 +787,82 @@ mod tests {
                         level.name()
                     );
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// `round_half_away` is `f32::round` on every value the quantizer can see (and beyond): all halves and
+    /// their neighbours up to 2^24, the largest value below 0.5, random values, the specials.
+    #[test]
+    fn round_half_away_is_round() {
+        let mut vals = vec![
+            0.0,
+            -0.0,
+            0.49999997,
+            -0.49999997,
+            0.5,
+            -0.5,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+        ];
+        for i in 0..(1u32 << 12) {
+            let h = i as f32 + 0.5;
+            for v in [
+                h,
+                f32::from_bits(h.to_bits() - 1),
+                f32::from_bits(h.to_bits() + 1),
+            ] {
+                vals.extend([v, -v]);
+            }
+        }
+        vals.extend([8388607.5f32, 16777215.0, 16777216.0]);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1_000_000 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            vals.push(f32::from_bits((state >> 32) as u32));
+        }
+        for v in vals {
+            let (got, want) = (round_half_away(v), v.round());
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{v:e}: {got:e} != {want:e}"
+            );
+        }
+    }
+
+    /// The vectorized quantizer gives the scalar one's values (bf16 and f32 activations, zero blocks too).
+    #[test]
+    fn quantized_rows_do_not_depend_on_the_instruction_set() -> Result<()> {
+        let k = 96;
+        let mut x: Vec<f32> = Tensor::randn(0f32, 3.0, (3, k), &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()?;
+        x[..BLOCK].fill(0.0);
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let scalar = |x: &[f32]| {
+            let mut q = vec![
+                XLine {
+                    q: [0; 32],
+                    corr: [0; 8]
+                };
+                x.len() / BLOCK
+            ];
+            let mut d = vec![0f32; x.len() / BLOCK];
+            quantize_blocks(x, &mut q, &mut d);
+            (q, d)
+        };
+        let xbf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+        for (rows, (q, d)) in [
+            (QuantRows::new(&x, 3, k), scalar(&x)),
+            (QuantRows::new(&xb, 3, k), scalar(&xbf)),
+        ] {
+            assert_eq!(rows.d, d);
+            for (a, b) in rows.q.iter().zip(&q) {
+                assert_eq!((a.q, a.corr), (b.q, b.corr));
             }
         }
         Ok(())
