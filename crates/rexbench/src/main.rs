@@ -15,6 +15,7 @@
 mod continuous;
 mod drafts;
 mod measure;
+mod pool_ab;
 mod random_weights;
 mod scenarios;
 mod vision_ab;
@@ -108,6 +109,10 @@ struct Args {
     /// process, this many rounds each, instead of the stage measurements; 0 = off.
     #[arg(long, default_value_t = 0)]
     vision_ab: usize,
+    /// Time --output-tokens greedy decode steps per --batches entry with the CPU work on rayon's pool (the
+    /// default) and on the calling thread, alternating in one process, this many rounds each; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pool_ab: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -205,6 +210,17 @@ fn main() -> anyhow::Result<()> {
     }
     if args.vision_ab > 0 {
         return vision_ab::run(&model, (w, h), args.vision_ab);
+    }
+    if args.pool_ab > 0 {
+        let steps = args.output_tokens;
+        return pool_ab::run(
+            &model,
+            &tokenizer,
+            (w, h),
+            &args.batches,
+            steps,
+            args.pool_ab,
+        );
     }
     if args.scenarios {
         let rows = scenarios::run(Some((&model, &tokenizer)), &scenario_plan)?;

@@ -275,7 +275,7 @@ fn last_argmax(model: &Qwen25Vl, hidden: &Tensor) -> anyhow::Result<u32> {
     Ok(logits.argmax(0)?.to_scalar::<u32>()?)
 }
 
-fn replicate(cache: &KvCache, b: usize, dev: &Device) -> anyhow::Result<KvCache> {
+pub fn replicate(cache: &KvCache, b: usize, dev: &Device) -> anyhow::Result<KvCache> {
     let mut c = cache.clone();
     c.select_rows(&Tensor::from_vec(vec![0u32; b], b, dev)?)?;
     Ok(c)

@@ -11,6 +11,7 @@ pub mod bf16_lanes;
 pub mod config;
 pub mod cpu_bf16;
 pub mod cpu_f32;
+pub mod cpu_pool;
 pub mod cpu_q8;
 pub mod gemm_bf16;
 pub mod huge_pages;
@@ -131,7 +132,9 @@ impl Qwen25Vl {
         pixel_values: &Tensor,
         grid_thw: [usize; 3],
     ) -> Result<Tensor, ModelError> {
-        Ok(self.vision.forward(pixel_values, grid_thw)?)
+        cpu_pool::run(&self.device, || {
+            Ok(self.vision.forward(pixel_values, grid_thw)?)
+        })
     }
 
     /// Vision tower over several images of the same `grid_thw` in one pass (see `VisionTower::forward_batch`).
@@ -140,7 +143,9 @@ impl Qwen25Vl {
         pixel_values: &[&Tensor],
         grid_thw: [usize; 3],
     ) -> Result<Vec<Tensor>, ModelError> {
-        Ok(self.vision.forward_batch(pixel_values, grid_thw)?)
+        cpu_pool::run(&self.device, || {
+            Ok(self.vision.forward_batch(pixel_values, grid_thw)?)
+        })
     }
 
     /// Text embeddings with the image rows spliced into the `<|image_pad|>` slots, in order (spec §3.5).
@@ -188,8 +193,10 @@ impl Qwen25Vl {
         image_embeds: &Tensor,
         grid_thw: [usize; 3],
     ) -> Result<Prefill, ModelError> {
-        let embeds = self.splice(ids, image_embeds)?.unsqueeze(0)?;
-        self.prefill_embeds(ids, &embeds, grid_thw)
+        cpu_pool::run(&self.device, || {
+            let embeds = self.splice(ids, image_embeds)?.unsqueeze(0)?;
+            self.prefill_embeds(ids, &embeds, grid_thw)
+        })
     }
 
     /// Causal prefill of `[B, L, D]` spliced embeddings that all share the prompt `ids` (so the same
@@ -226,40 +233,42 @@ impl Qwen25Vl {
         image_embeds: &[Tensor],
         grid_thw: [usize; 3],
     ) -> Result<Vec<Prefill>, ModelError> {
-        if image_embeds.len() == 1 {
-            return Ok(vec![self.prefill(ids, &image_embeds[0], grid_thw)?]);
-        }
-        let embeds = image_embeds
-            .iter()
-            .map(|e| self.splice(ids, e))
-            .collect::<Result<Vec<_>, _>>()?;
-        let Prefill {
-            hidden,
-            cache,
-            rope_delta,
-            positions,
-        } = self.prefill_embeds(ids, &Tensor::stack(&embeds, 0)?, grid_thw)?;
-        (0..image_embeds.len())
-            .map(|b| {
-                let mut row = KvCache::new(cache.layers.len());
-                for (dst, src) in row.layers.iter_mut().zip(&cache.layers) {
-                    if let Some((k, v)) = src {
-                        *dst = Some((k.narrow(0, b, 1)?, v.narrow(0, b, 1)?));
+        cpu_pool::run(&self.device, || {
+            if image_embeds.len() == 1 {
+                return Ok(vec![self.prefill(ids, &image_embeds[0], grid_thw)?]);
+            }
+            let embeds = image_embeds
+                .iter()
+                .map(|e| self.splice(ids, e))
+                .collect::<Result<Vec<_>, _>>()?;
+            let Prefill {
+                hidden,
+                cache,
+                rope_delta,
+                positions,
+            } = self.prefill_embeds(ids, &Tensor::stack(&embeds, 0)?, grid_thw)?;
+            (0..image_embeds.len())
+                .map(|b| {
+                    let mut row = KvCache::new(cache.layers.len());
+                    for (dst, src) in row.layers.iter_mut().zip(&cache.layers) {
+                        if let Some((k, v)) = src {
+                            *dst = Some((k.narrow(0, b, 1)?, v.narrow(0, b, 1)?));
+                        }
                     }
-                }
-                Ok(Prefill {
-                    hidden: hidden.narrow(0, b, 1)?,
-                    cache: row,
-                    rope_delta,
-                    positions: positions.clone(),
+                    Ok(Prefill {
+                        hidden: hidden.narrow(0, b, 1)?,
+                        cache: row,
+                        rope_delta,
+                        positions: positions.clone(),
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
     }
 
     /// f32 logits for hidden rows `[.., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.text.logits(hidden)?)
+        cpu_pool::run(&self.device, || Ok(self.text.logits(hidden)?))
     }
 
     /// One decode step for `B` sequences sharing a (left-padded) cache: `tokens[b]` sits at M-RoPE position
@@ -272,17 +281,19 @@ impl Qwen25Vl {
         key_mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError> {
-        let b = tokens.len();
-        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
-        let embeds = self.text.embed(&ids)?;
-        let pos: Vec<[u32; 3]> = positions.iter().map(|&p| [p; 3]).collect();
-        let (cos, sin) = self.cos_sin(&pos)?;
-        let half = cos.dim(1)?;
-        let (cos, sin) = (cos.reshape((b, 1, half))?, sin.reshape((b, 1, half))?);
-        let mask = key_mask.cloned();
-        let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
-        let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
-        Ok(self.text.logits(&hidden)?.squeeze(1)?)
+        cpu_pool::run(&self.device, || {
+            let b = tokens.len();
+            let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
+            let embeds = self.text.embed(&ids)?;
+            let pos: Vec<[u32; 3]> = positions.iter().map(|&p| [p; 3]).collect();
+            let (cos, sin) = self.cos_sin(&pos)?;
+            let half = cos.dim(1)?;
+            let (cos, sin) = (cos.reshape((b, 1, half))?, sin.reshape((b, 1, half))?);
+            let mask = key_mask.cloned();
+            let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
+            let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
+            Ok(self.text.logits(&hidden)?.squeeze(1)?)
+        })
     }
 
     /// A decode block (draft verification): `B` rows of `L` tokens each, `tokens` row-major `[B·L]`, row `b`'s
@@ -296,19 +307,21 @@ impl Qwen25Vl {
         key_mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError> {
-        let b = first_positions.len();
-        if b == 0 || tokens.len() % b != 0 {
-            return Err(ModelError::Request {
-                index: 0,
-                msg: format!("decode block: {} tokens for {b} rows", tokens.len()),
-            });
-        }
-        let l = tokens.len() / b;
-        let (embeds, cos, sin) = self.block_inputs(tokens, first_positions, l)?;
-        let mask = key_mask.cloned();
-        let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
-        let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
-        Ok(self.text.logits(&hidden)?)
+        cpu_pool::run(&self.device, || {
+            let b = first_positions.len();
+            if b == 0 || tokens.len() % b != 0 {
+                return Err(ModelError::Request {
+                    index: 0,
+                    msg: format!("decode block: {} tokens for {b} rows", tokens.len()),
+                });
+            }
+            let l = tokens.len() / b;
+            let (embeds, cos, sin) = self.block_inputs(tokens, first_positions, l)?;
+            let mask = key_mask.cloned();
+            let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
+            let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
+            Ok(self.text.logits(&hidden)?)
+        })
     }
 
     /// Embeddings `[B, l, H]` and rotary `cos`/`sin` `[B, l, head_dim/2]` of a pass of `l` ids per row, row `i`'s
@@ -359,40 +372,44 @@ impl Qwen25Vl {
         rows: &[usize],
         slots: &mut KvSlots,
     ) -> Result<Tensor, ModelError> {
-        let b = tokens.len();
-        if b == 0 || positions.len() != b || rows.len() != b {
-            return Err(ModelError::Request {
-                index: 0,
-                msg: format!(
-                    "decode_slots: {b} tokens, {} positions, {} rows",
-                    positions.len(),
-                    rows.len()
-                ),
-            });
-        }
-        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
-        let embeds = self.text.embed(&ids)?;
-        let pos: Vec<[u32; 3]> = positions.iter().map(|&p| [p; 3]).collect();
-        let (cos, sin) = self.cos_sin(&pos)?;
-        let half = cos.dim(1)?;
-        let (cos, sin) = (cos.reshape((b, 1, half))?, sin.reshape((b, 1, half))?);
-        // Row i sees its own columns 0..=len_i (the new one included); None when no row is shorter than another,
-        // so a lone row runs exactly the operations of a plain decode step.
-        let lens: Vec<usize> = rows.iter().map(|&s| slots.len(s)).collect();
-        let t = lens.iter().copied().max().unwrap_or(0) + 1;
-        let mask = if lens.iter().all(|&l| l + 1 == t) {
-            None
-        } else {
-            let m: Vec<f32> = lens
-                .iter()
-                .flat_map(|&l| (0..t).map(move |j| if j <= l { 0.0 } else { f32::NEG_INFINITY }))
-                .collect();
-            Some(Tensor::from_vec(m, (b, 1, 1, t), &self.device)?)
-        };
-        let hidden = self
-            .text
-            .forward_slots(&embeds, &cos, &sin, mask.as_ref(), slots, rows)?;
-        Ok(self.text.logits(&hidden)?.squeeze(1)?)
+        cpu_pool::run(&self.device, || {
+            let b = tokens.len();
+            if b == 0 || positions.len() != b || rows.len() != b {
+                return Err(ModelError::Request {
+                    index: 0,
+                    msg: format!(
+                        "decode_slots: {b} tokens, {} positions, {} rows",
+                        positions.len(),
+                        rows.len()
+                    ),
+                });
+            }
+            let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
+            let embeds = self.text.embed(&ids)?;
+            let pos: Vec<[u32; 3]> = positions.iter().map(|&p| [p; 3]).collect();
+            let (cos, sin) = self.cos_sin(&pos)?;
+            let half = cos.dim(1)?;
+            let (cos, sin) = (cos.reshape((b, 1, half))?, sin.reshape((b, 1, half))?);
+            // Row i sees its own columns 0..=len_i (the new one included); None when no row is shorter than another,
+            // so a lone row runs exactly the operations of a plain decode step.
+            let lens: Vec<usize> = rows.iter().map(|&s| slots.len(s)).collect();
+            let t = lens.iter().copied().max().unwrap_or(0) + 1;
+            let mask = if lens.iter().all(|&l| l + 1 == t) {
+                None
+            } else {
+                let m: Vec<f32> = lens
+                    .iter()
+                    .flat_map(|&l| {
+                        (0..t).map(move |j| if j <= l { 0.0 } else { f32::NEG_INFINITY })
+                    })
+                    .collect();
+                Some(Tensor::from_vec(m, (b, 1, 1, t), &self.device)?)
+            };
+            let hidden =
+                self.text
+                    .forward_slots(&embeds, &cos, &sin, mask.as_ref(), slots, rows)?;
+            Ok(self.text.logits(&hidden)?.squeeze(1)?)
+        })
     }
 
     /// A draft verification pass for the rows of a continuous batch: `l = tokens.len() / B` ids per row (row
@@ -407,29 +424,31 @@ impl Qwen25Vl {
         rows: &[usize],
         slots: &mut KvSlots,
     ) -> Result<Tensor, ModelError> {
-        let b = first_positions.len();
-        if b == 0 || rows.len() != b || tokens.len() % b != 0 {
-            return Err(ModelError::Request {
-                index: 0,
-                msg: format!(
-                    "decode_slots_block: {} tokens, {b} positions, {} rows",
-                    tokens.len(),
-                    rows.len()
-                ),
-            });
-        }
-        let l = tokens.len() / b;
-        if l == 1 {
-            // A step: rows of different lengths need the step's key mask.
-            return Ok(self
-                .decode_slots(tokens, first_positions, rows, slots)?
-                .unsqueeze(1)?);
-        }
-        let (embeds, cos, sin) = self.block_inputs(tokens, first_positions, l)?;
-        let hidden = self
-            .text
-            .forward_slots(&embeds, &cos, &sin, None, slots, rows)?;
-        Ok(self.text.logits(&hidden)?)
+        cpu_pool::run(&self.device, || {
+            let b = first_positions.len();
+            if b == 0 || rows.len() != b || tokens.len() % b != 0 {
+                return Err(ModelError::Request {
+                    index: 0,
+                    msg: format!(
+                        "decode_slots_block: {} tokens, {b} positions, {} rows",
+                        tokens.len(),
+                        rows.len()
+                    ),
+                });
+            }
+            let l = tokens.len() / b;
+            if l == 1 {
+                // A step: rows of different lengths need the step's key mask.
+                return Ok(self
+                    .decode_slots(tokens, first_positions, rows, slots)?
+                    .unsqueeze(1)?);
+            }
+            let (embeds, cos, sin) = self.block_inputs(tokens, first_positions, l)?;
+            let hidden = self
+                .text
+                .forward_slots(&embeds, &cos, &sin, None, slots, rows)?;
+            Ok(self.text.logits(&hidden)?)
+        })
     }
 
     fn cos_sin(&self, positions: &[[u32; 3]]) -> Result<(Tensor, Tensor), ModelError> {

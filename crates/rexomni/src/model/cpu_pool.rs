@@ -1,0 +1,53 @@
+//! Where a CPU forward pass runs: on a thread of rayon's global pool, the pool that candle's CPU ops and our
+//! kernels (gemm_bf16.rs, cpu_q8.rs, cpu_f32.rs) split their work over.
+//!
+//! Why: called from an outside thread (the detector thread, rexbench's main), each of a decode step's ~250
+//! parallel calls puts the caller to sleep, wakes the pool's threads, and wakes the caller again once they are
+//! done: three threads on two cores and thousands of context switches per second. Run on a pool thread, the
+//! caller works through the call's tasks itself while the other threads steal from it, so only they need waking.
+//! Measured on the real 3B config (rexbench `--pool-ab`, alternating in one process, docs/benchmarks.md):
+//! Q8_0 decode 121–126 against 123–131 ms/step at batch 1 and 186–190 against 214–222 at batch 4.
+//!
+//! The bits do not change: the same tasks run in the same order per output, only on other threads.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+
+/// Off only for A/B measurements ([`set_enabled`]).
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Runs `f` on a thread of rayon's global pool when `device` is the CPU and the caller is not already on one;
+/// otherwise (a GPU, a pool thread, the hop switched off) on the caller's thread. Blocks until `f` returns.
+pub fn run<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+    if !device.is_cpu()
+        || rayon::current_thread_index().is_some()
+        || !ENABLED.load(Ordering::Relaxed)
+    {
+        return f();
+    }
+    // `scope` runs its closure on a pool thread (injected, the caller blocked until it returns); no task is
+    // spawned into the scope itself.
+    rayon::scope(|_| f())
+}
+
+/// Whether [`run`] moves CPU work onto the pool (default: yes). For benchmarks that time both ways.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_work_runs_on_a_pool_thread_and_nests() {
+        assert!(rayon::current_thread_index().is_none());
+        let (outer, inner) = run(&Device::Cpu, || {
+            let outer = rayon::current_thread_index();
+            (outer, run(&Device::Cpu, rayon::current_thread_index))
+        });
+        assert!(outer.is_some());
+        assert_eq!(inner, outer, "a nested call stays on its thread");
+    }
+}
