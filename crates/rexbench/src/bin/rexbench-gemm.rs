@@ -5,7 +5,8 @@
 //!
 //! In: nothing (random bf16 operands; `--quick` for fewer shapes, `--f32` for the f32 table only, `--levels`
 //! for rexomni's packed GEMM on each instruction-set level of this CPU only (AMX, AVX-512 BF16, AVX2+FMA),
-//! `--q8` for the Q8_0 table only, `--q8-sweep` for one decode step's Q8_0 weights against a plain read).
+//! `--q8` for the Q8_0 table only, `--q8-sweep` for one decode step's Q8_0 weights against a plain read,
+//! `--bf16-sweep` for the same step's packed bf16 weights on each level).
 //! Out: one table on stdout, ms per call (the
 //! fastest of the repeats: the machine is shared, and the minimum is the least disturbed) and GFLOP/s
 //! (2·m·k·n). Runs on the main thread and the rayon pool (`RAYON_NUM_THREADS`).
@@ -97,6 +98,9 @@ fn main() -> anyhow::Result<()> {
     }
     if std::env::args().any(|a| a == "--levels") {
         return levels_table(quick);
+    }
+    if std::env::args().any(|a| a == "--bf16-sweep") {
+        return bf16_sweep(Duration::from_millis(2000));
     }
     if std::env::args().any(|a| a == "--q8-sweep") {
         return q8_sweep(Duration::from_millis(2000));
@@ -413,6 +417,66 @@ fn q8_table(quick: bool) -> anyhow::Result<()> {
     q8_sweep(budget)
 }
 
+/// `(k, n)` of every linear weight of the real-width 4-layer config's decoder plus the tied lm_head, in model
+/// order: what one decode step reads.
+fn decode_step_layers() -> Vec<(usize, usize)> {
+    let mut layers: Vec<(usize, usize)> = Vec::new();
+    for _ in 0..4 {
+        layers.extend([(2048, 2048), (2048, 256), (2048, 256), (2048, 2048)]);
+        layers.extend([(2048, 11008), (2048, 11008), (11008, 2048)]);
+    }
+    layers.push((2048, 151936));
+    layers
+}
+
+/// [`q8_sweep`]'s decode step with the packed bf16 weights (1.24 GB), at one and four rows, on every level.
+fn bf16_sweep(budget: Duration) -> anyhow::Result<()> {
+    let layers = decode_step_layers();
+    let ws: Vec<PackedBf16> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, &(k, n))| PackedBf16::pack(&values(n * k, 3 + i as u64), n, k))
+        .collect();
+    let bytes: usize = ws.iter().map(|w| w.packed_bytes()).sum();
+    let levels: Vec<Level> = Level::available()
+        .into_iter()
+        .filter(|l| *l != Level::Scalar)
+        .collect();
+    println!(
+        "# One decode step's linear layers, cold: 4 × (q, k, v, o, gate, up, down) + lm_head at the real widths, {:.0} MB of packed bf16; best-of-repeats ms (GB/s)",
+        bytes as f64 / 1e6
+    );
+    println!(
+        "| m | {} |",
+        levels
+            .iter()
+            .map(|l| l.name())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}", "---|".repeat(levels.len()));
+    for m in [1usize, 4] {
+        let xs: Vec<Vec<bf16>> = [2048usize, 11008]
+            .iter()
+            .map(|&k| values(m * k, 1))
+            .collect();
+        let cells: Vec<String> = levels
+            .iter()
+            .map(|&level| {
+                let ms = best(budget, || {
+                    for w in &ws {
+                        let x = &xs[usize::from(w.k() != 2048)];
+                        std::hint::black_box(w.matmul_on(level, x, m, None));
+                    }
+                });
+                format!("{ms:.1} ({:.1})", bytes as f64 / ms / 1e6)
+            })
+            .collect();
+        println!("| {m} | {} |", cells.join(" | "));
+    }
+    Ok(())
+}
+
 /// Every linear weight of the real-width 4-layer config's decoder plus the tied lm_head, each its own Q8_0
 /// tensor (658 MB in all, more than this VM's caches; candle's blocks and our packed copy both held, each read by its own kernel), called in model order: what one decode step reads, cold.
 /// The table above calls one weight repeatedly, so a weight that fits in the last-level cache is read from there.
@@ -421,12 +485,7 @@ fn q8_sweep(budget: Duration) -> anyhow::Result<()> {
     use candle_core::Module;
     use rexomni::model::cpu_q8::{self, PackedQ8};
     let dev = Device::Cpu;
-    let mut layers: Vec<(usize, usize)> = Vec::new();
-    for _ in 0..4 {
-        layers.extend([(2048, 2048), (2048, 256), (2048, 256), (2048, 2048)]);
-        layers.extend([(2048, 11008), (2048, 11008), (11008, 2048)]);
-    }
-    layers.push((2048, 151936));
+    let layers = decode_step_layers();
     let mut ws = Vec::new();
     for (i, &(k, n)) in layers.iter().enumerate() {
         let wf = Tensor::from_vec(

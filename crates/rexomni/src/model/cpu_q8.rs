@@ -481,6 +481,7 @@ fn reduce8(a: [f32; 8]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::prefetch;
     use super::{Line, XLine, BLOCK, GROUP, TILE_X};
     use std::arch::x86_64::*;
 
@@ -501,27 +502,6 @@ mod x86 {
         let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         let g = _mm_add_ps(h, _mm_movehl_ps(h, h));
         _mm_cvtss_f32(_mm_add_ss(g, _mm_shuffle_ps(g, g, 1)))
-    }
-
-    /// How far ahead of the weight line being read the kernels ask for the weights (bytes): 32 lines, the
-    /// next ~16 µs of a core's stream at decode rates.
-    const PREFETCH_BYTES: usize = 4096;
-
-    /// Asks for the 128-byte weight line [`PREFETCH_BYTES`] ahead of `wp` (it may lie past the group or the
-    /// weight: prefetches never fault).
-    ///
-    /// Why: a decode step is one pass over the weights, and with plain loads the hardware prefetchers kept
-    /// this VM at ~21 GB/s of Q8_0 (the same as a plain read loop), against the ~30 GB/s that AMX tile loads
-    /// reach on the bf16 weights, whose 16-line loads keep many misses in flight. Asking 4 KiB ahead gave
-    /// 31–33 GB/s on one decode step's weights at one row, 23 GB/s at four (`rexbench-gemm --q8-sweep`,
-    /// docs/benchmarks.md); 1–16 KiB were tried, 4–8 KiB are flat.
-    #[inline(always)]
-    fn prefetch_ahead(wp: *const u8) {
-        // SAFETY: prefetch is a hint; it does not fault on any address.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BYTES) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BYTES + 64) as *const i8);
-        }
     }
 
     /// The group's 4 scales of one block as f32.
@@ -552,7 +532,7 @@ mod x86 {
             let mut sp: [*const f32; RX] =
                 std::array::from_fn(|r| xd.as_ptr().wrapping_add(r * nb));
             for _ in 0..nb {
-                prefetch_ahead(wp);
+                prefetch::two_lines_ahead(wp);
                 let w = [
                     _mm512_load_si512(wp as *const __m512i),
                     _mm512_load_si512(wp.wrapping_add(64) as *const __m512i),
@@ -606,7 +586,7 @@ mod x86 {
             let (mut wp, mut dp) = (wq.as_ptr() as *const u8, wd.as_ptr());
             let (mut xp, mut sp) = (xq.as_ptr(), xd.as_ptr());
             for _ in 0..nb {
-                prefetch_ahead(wp);
+                prefetch::two_lines_ahead(wp);
                 let d4 = _mm256_castps128_ps256(scales(dp));
                 let xv = load256!(xp);
                 let cv = load256!((xp as *const u8).wrapping_add(32));
@@ -645,7 +625,7 @@ mod x86 {
             let (mut wp, mut dp) = (wq.as_ptr() as *const u8, wd.as_ptr());
             let (mut xp, mut sp) = (xq.as_ptr(), xd.as_ptr());
             for _ in 0..nb {
-                prefetch_ahead(wp);
+                prefetch::two_lines_ahead(wp);
                 let d4 = _mm256_castps128_ps256(scales(dp));
                 let xv = load256!(xp);
                 let dx = _mm256_broadcastss_ps(_mm_load_ss(sp));

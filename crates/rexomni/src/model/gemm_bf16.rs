@@ -685,6 +685,7 @@ mod amx {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::prefetch;
     use super::NR;
     use std::arch::x86_64::*;
 
@@ -707,6 +708,7 @@ mod x86 {
             hi[r] = _mm512_loadu_ps(c.add(r * ldc + 16));
         }
         for p in 0..kc {
+            prefetch::two_lines_ahead(b.add(p * NR).cast());
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
             for r in 0..R {
@@ -741,6 +743,8 @@ mod x86 {
         }
         let mask = _mm256_set1_epi32(0xffff_0000u32 as i32);
         for p in 0..kc {
+            // The panel row's other half is this tile's neighbour's: one request serves both calls.
+            prefetch::two_lines_ahead(b.add(p * NR).cast());
             let w0 = _mm256_loadu_si256(b.add(p * NR).cast());
             let w1 = _mm256_loadu_si256(b.add(p * NR + 8).cast());
             let (lo0, hi0) = (

@@ -19,6 +19,7 @@ pub mod kv_slots;
 pub mod linear;
 pub mod loading;
 pub mod numerics;
+pub mod prefetch;
 pub mod rope;
 pub mod text;
 pub mod vision;
