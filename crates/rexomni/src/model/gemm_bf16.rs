@@ -584,26 +584,59 @@ mod amx {
             Config(c)
         };
 
-        /// The tiles configured on this thread for the guard's lifetime (a rayon task); released on drop, so
-        /// the thread's context switches stop saving 8 KiB of tile state.
-        pub struct Tiles(());
+        /// The tiles configured on this thread for the guard's lifetime (a rayon task). On drop the thread's
+        /// previous tile state comes back: released if it had none (so its context switches stop saving 8 KiB
+        /// of tile state), otherwise the configuration it had reloaded. Other AMX code on the same pool threads
+        /// may configure a thread once and rely on it for the thread's life (candle 0.11.1's Q4K kernels do,
+        /// with a thread-local flag): releasing under it made their next `tilezero` fault (SIGILL), found with
+        /// `weights = "q4"` at the real-width config.
+        pub struct Tiles {
+            previous: Config,
+        }
 
         impl Tiles {
             pub fn configure() -> Tiles {
-                // SAFETY: `usable()` was true (the caller runs the Amx level only then); the operand is a valid
-                // palette-1 configuration.
+                let mut previous = Config([0; 64]);
+                // SAFETY: `usable()` was true (the caller runs the Amx level only then); `sttilecfg` writes the
+                // current configuration (64 zero bytes when there is none) into the aligned 64-byte buffer, and
+                // the `ldtilecfg` operand is a valid palette-1 configuration.
                 unsafe {
-                    asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly))
+                    asm!("sttilecfg [{}]", in(reg) previous.0.as_mut_ptr(), options(nostack));
+                    asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
                 };
-                Tiles(())
+                Tiles { previous }
             }
         }
 
         impl Drop for Tiles {
             fn drop(&mut self) {
-                // SAFETY: tiles were configured by this guard on this thread.
-                unsafe { asm!("tilerelease", options(nostack, nomem)) };
+                // SAFETY: tiles were configured by this guard on this thread; a non-zero palette byte means the
+                // saved bytes are a configuration the CPU accepted before.
+                unsafe {
+                    if self.previous.0[0] == 0 {
+                        asm!("tilerelease", options(nostack, nomem));
+                    } else {
+                        asm!("ldtilecfg [{}]", in(reg) self.previous.0.as_ptr(), options(nostack, readonly));
+                    }
+                }
             }
+        }
+
+        /// This thread's tile configuration as `sttilecfg` stores it (64 zero bytes when there is none).
+        pub fn current_config() -> [u8; 64] {
+            let mut c = Config([0; 64]);
+            // SAFETY: AMX is usable (callers check `usable()`); writes 64 bytes into the aligned buffer.
+            unsafe { asm!("sttilecfg [{}]", in(reg) c.0.as_mut_ptr(), options(nostack)) };
+            c.0
+        }
+
+        /// Loads `cfg` as this thread's tile configuration (tests: another library's state).
+        ///
+        /// SAFETY: AMX usable; `cfg` a valid configuration (palette 1, sizes within the palette's limits).
+        #[cfg(test)]
+        pub unsafe fn load_config(cfg: &[u8; 64]) {
+            let c = Config(*cfg);
+            unsafe { asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly)) };
         }
 
         /// `c[r][0..32] += Σ_p a[r][p] · b[p][0..32]` for `16·A` rows (`A` = 1 or 2) and `kc` pairs (a
@@ -875,6 +908,51 @@ mod tests {
             assert!(Level::available().contains(&Level::Amx), "flags: {flags}");
             assert_eq!(Level::available()[0], Level::Amx);
         }
+    }
+
+    /// An AMX task hands its thread back with the tile state it found: none stays none, and another
+    /// library's configuration (candle's Q4K kernels configure a thread once and keep it: 8-row B tiles) is
+    /// reloaded. Releasing unconditionally made candle's next `tilezero` fault.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_tasks_leave_a_threads_tile_state_as_they_found_it() {
+        if !amx::usable() {
+            eprintln!("skipped: this CPU or kernel has no usable AMX");
+            return;
+        }
+        std::thread::spawn(|| {
+            assert_eq!(
+                amx::current_config(),
+                [0; 64],
+                "a new thread has no tile state"
+            );
+            drop(amx::Tiles::configure());
+            assert_eq!(amx::current_config(), [0; 64], "none before, none after");
+            let mut foreign = [0u8; 64];
+            foreign[0] = 1;
+            for t in 0..8 {
+                foreign[16 + 2 * t] = if (4..6).contains(&t) { 32 } else { 64 };
+                foreign[48 + t] = if t >= 6 { 8 } else { 16 };
+            }
+            // SAFETY: AMX usable; a palette-1 configuration within its limits.
+            unsafe { amx::load_config(&foreign) };
+            assert_eq!(amx::current_config(), foreign);
+            {
+                let _tiles = amx::Tiles::configure();
+                assert_ne!(
+                    amx::current_config(),
+                    foreign,
+                    "ours is loaded inside the task"
+                );
+            }
+            assert_eq!(
+                amx::current_config(),
+                foreign,
+                "the foreign configuration is back"
+            );
+        })
+        .join()
+        .expect("the AMX thread");
     }
 
     /// Levels agree with each other closely (they differ only in how a pair's two products are rounded).
