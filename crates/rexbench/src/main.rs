@@ -113,6 +113,10 @@ struct Args {
     /// default) and on the calling thread, alternating in one process, this many rounds each; 0 = off.
     #[arg(long, default_value_t = 0)]
     pool_ab: usize,
+    /// Time --output-tokens bf16 decode steps per --batches entry with the decode attention kernel and with the
+    /// general attention path, alternating in one process, this many rounds each; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    attention_ab: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -211,16 +215,22 @@ fn main() -> anyhow::Result<()> {
     if args.vision_ab > 0 {
         return vision_ab::run(&model, (w, h), args.vision_ab);
     }
-    if args.pool_ab > 0 {
-        let steps = args.output_tokens;
-        return pool_ab::run(
-            &model,
-            &tokenizer,
-            (w, h),
-            &args.batches,
-            steps,
-            args.pool_ab,
-        );
+    for (rounds, toggle) in [
+        (args.pool_ab, &pool_ab::POOL),
+        (args.attention_ab, &pool_ab::ATTENTION),
+    ] {
+        if rounds > 0 {
+            let steps = args.output_tokens;
+            return pool_ab::run(
+                toggle,
+                &model,
+                &tokenizer,
+                (w, h),
+                &args.batches,
+                steps,
+                rounds,
+            );
+        }
     }
     if args.scenarios {
         let rows = scenarios::run(Some((&model, &tokenizer)), &scenario_plan)?;

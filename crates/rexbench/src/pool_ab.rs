@@ -1,6 +1,8 @@
-//! `rexbench --pool-ab N`: greedy decode steps with the model's CPU work moved onto rayon's pool (the default,
-//! rexomni's `cpu_pool`) and on the calling thread, alternating in one process, N rounds each, per batch size
-//! of `--batches` (docs/benchmarks.md). Also checks that both ways give the same logits, bit for bit.
+//! Decode steps one way and another, alternating in one process, N rounds each, per batch size of `--batches`
+//! (docs/benchmarks.md): `rexbench --pool-ab N` times the model's CPU work on rayon's pool (the default,
+//! rexomni's `cpu_pool`) against the calling thread, and checks that both give the same logits, bit for bit;
+//! `rexbench --attention-ab N` times bf16 decode attention with `decode_attention`'s kernel against the general
+//! path (the logits differ in the last bits there: another summation order).
 //!
 //! In: a loaded model, its tokenizer, the frame size, `--output-tokens` steps per round. Out: one line per round
 //! and the median of each way on stdout. Alternating in one process keeps both under the same machine load.
@@ -8,13 +10,33 @@
 use std::time::Instant;
 
 use candle_core::{DType, D};
-use rexomni::model::{cpu_pool, Qwen25Vl};
+use rexomni::model::{cpu_pool, decode_attention, Qwen25Vl};
 use rexomni::protocol::{RexTokenizer, Task, TaskPrompt};
 use rexprep::tensor::TensorPrep;
 
 use crate::measure::{replicate, test_frame};
 
+/// What an A/B run toggles: its name in the output, the two ways' names, and the switch.
+pub struct Toggle {
+    pub what: &'static str,
+    pub ways: [&'static str; 2],
+    pub set: fn(bool),
+}
+
+pub const POOL: Toggle = Toggle {
+    what: "pool-ab",
+    ways: ["pool", "caller"],
+    set: cpu_pool::set_enabled,
+};
+
+pub const ATTENTION: Toggle = Toggle {
+    what: "attention-ab",
+    ways: ["kernel", "general"],
+    set: decode_attention::set_enabled,
+};
+
 pub fn run(
+    toggle: &Toggle,
     model: &Qwen25Vl,
     tokenizer: &RexTokenizer,
     (w, h): (u32, u32),
@@ -36,8 +58,11 @@ pub fn run(
         let mut last = [None, None];
         // Round 0 warms both ways up and is not counted.
         for round in 0..=rounds {
-            for (i, (on, name)) in [(true, "pool"), (false, "caller")].into_iter().enumerate() {
-                cpu_pool::set_enabled(on);
+            for (i, (on, name)) in [(true, toggle.ways[0]), (false, toggle.ways[1])]
+                .into_iter()
+                .enumerate()
+            {
+                (toggle.set)(on);
                 let mut cache = replicate(&p.cache, b, model.device())?;
                 let mut tokens = vec![0u32; b];
                 let t = Instant::now();
@@ -49,12 +74,15 @@ pub fn run(
                 }
                 let ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
                 if round > 0 {
-                    println!("pool-ab batch {b} round {round} {name:<6} {ms:>8.1} ms/step");
+                    println!(
+                        "{} batch {b} round {round} {name:<7} {ms:>8.1} ms/step",
+                        toggle.what
+                    );
                     times[i].push(ms);
                 }
             }
         }
-        cpu_pool::set_enabled(true);
+        (toggle.set)(true);
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
@@ -64,8 +92,10 @@ pub fn run(
             [Some(x), Some(y)] => x.to_vec2::<f32>()? == y.to_vec2::<f32>()?,
             _ => false,
         };
+        let [on, off] = toggle.ways;
         println!(
-            "pool-ab batch {b} median: pool {a:.1} ms/step, caller {c:.1} ms/step, speed-up {:.2}x, logits identical: {same}",
+            "{} batch {b} median: {on} {a:.1} ms/step, {off} {c:.1} ms/step, speed-up {:.2}x, logits identical: {same}",
+            toggle.what,
             c / a
         );
     }

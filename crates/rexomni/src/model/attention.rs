@@ -31,6 +31,11 @@ where
     F: FnMut(usize, usize) -> Result<Option<Tensor>>,
 {
     let (b, h, lq, d) = q.dims4()?;
+    if super::decode_attention::applies(q, k, v) {
+        if let Some(o) = super::decode_attention::attend(q, k, v, mask(0, lq)?.as_ref())? {
+            return Ok(o);
+        }
+    }
     let lk = k.dim(2)?;
     let scale = 1.0 / (d as f64).sqrt();
     let out_dtype = v.dtype();

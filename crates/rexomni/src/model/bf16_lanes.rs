@@ -65,6 +65,7 @@ macro_rules! vectorised {
                 unsafe fn avx2($($a: $t),*) {
                     body($($a),*)
                 }
+                use $crate::model::bf16_lanes::Isa;
                 match Isa::best() {
                     // SAFETY: the features were detected on this CPU.
                     Isa::Avx512 => return unsafe { avx512($($a),*) },
@@ -77,15 +78,17 @@ macro_rules! vectorised {
     };
 }
 
+pub(crate) use vectorised;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     Avx512,
     Avx2,
     Portable,
 }
 
 impl Isa {
-    fn best() -> Isa {
+    pub(crate) fn best() -> Isa {
         static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
@@ -120,7 +123,7 @@ pub(crate) fn round_lane(v: f32) -> bf16 {
 }
 
 #[inline(always)]
-fn widen(v: bf16) -> f32 {
+pub(crate) fn widen(v: bf16) -> f32 {
     f32::from_bits((v.to_bits() as u32) << 16)
 }
 

@@ -10,20 +10,31 @@
 //!
 //! The bits do not change: the same tasks run in the same order per output, only on other threads.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::Device;
 
-/// Off only for A/B measurements ([`set_enabled`]).
-static ENABLED: AtomicBool = AtomicBool::new(true);
+/// 1 = on, 0 = off, `UNREAD` until the first call reads `REXOMNI_CPU_POOL` (`off` turns the hop off, for A/B
+/// runs of whole stages; [`set_enabled`] overrides it).
+static ENABLED: AtomicU8 = AtomicU8::new(UNREAD);
+const UNREAD: u8 = 2;
+
+fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        UNREAD => {
+            let on = std::env::var("REXOMNI_CPU_POOL").map_or(true, |v| v != "off");
+            ENABLED.store(u8::from(on), Ordering::Relaxed);
+            on
+        }
+        v => v == 1,
+    }
+}
 
 /// Runs `f` on a thread of rayon's global pool when `device` is the CPU and the caller is not already on one;
-/// otherwise (a GPU, a pool thread, the hop switched off) on the caller's thread. Blocks until `f` returns.
+/// otherwise (a GPU, a pool thread, the hop switched off: `REXOMNI_CPU_POOL=off` or [`set_enabled`]) on the
+/// caller's thread. Blocks until `f` returns.
 pub fn run<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
-    if !device.is_cpu()
-        || rayon::current_thread_index().is_some()
-        || !ENABLED.load(Ordering::Relaxed)
-    {
+    if !device.is_cpu() || rayon::current_thread_index().is_some() || !enabled() {
         return f();
     }
     // `scope` runs its closure on a pool thread (injected, the caller blocked until it returns); no task is
@@ -33,7 +44,7 @@ pub fn run<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
 
 /// Whether [`run`] moves CPU work onto the pool (default: yes). For benchmarks that time both ways.
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
+    ENABLED.store(u8::from(on), Ordering::Relaxed);
 }
 
 #[cfg(test)]

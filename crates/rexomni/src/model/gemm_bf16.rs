@@ -623,6 +623,7 @@ mod amx {
         }
 
         /// This thread's tile configuration as `sttilecfg` stores it (64 zero bytes when there is none).
+        #[cfg(test)]
         pub fn current_config() -> [u8; 64] {
             let mut c = Config([0; 64]);
             // SAFETY: AMX is usable (callers check `usable()`); writes 64 bytes into the aligned buffer.

@@ -13,6 +13,7 @@ pub mod cpu_bf16;
 pub mod cpu_f32;
 pub mod cpu_pool;
 pub mod cpu_q8;
+pub mod decode_attention;
 pub mod gemm_bf16;
 pub mod huge_pages;
 pub mod kv_slots;
