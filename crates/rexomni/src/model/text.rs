@@ -6,7 +6,7 @@
 //! RoPE angles come from `rope::mrope_cos_sin` in f32 and prefill is causal (spec §7 lists the upstream
 //! `qwen3_vl` bugs we avoid: 1-D RoPE, no causal mask in prefill).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::attention::{attend, MAX_SCORE_ELEMS};
@@ -206,7 +206,7 @@ impl Attention {
 impl Attention {
     /// Attention of a block of `l` query positions (`q` `[B, heads, l, d]`) over `t` cached keys plus the block's
     /// own, position by position with exactly the operands of a one-token decode step: keys and values cut to
-    /// `t + i + 1` columns and made contiguous, query heads grouped over their kv head, `mask` (`[B, 1, l, ≥ t + l]`)
+    /// `t + i + 1` columns ([`lone_step_keys`]), query heads grouped over their kv head, `mask` (`[B, 1, l, ≥ t + l]`)
     /// cut to match. Each position's scores, softmax and weighted sum are then that step's bit for bit (candle's
     /// CPU softmax sums in 32-lane chunks plus a scalar tail, so even masked trailing keys would reorder the
     /// additions). Out: `[B, heads, l, d]`.
@@ -226,8 +226,10 @@ impl Attention {
                 q.narrow(2, i, 1)?
                     .contiguous()?
                     .reshape((b, self.kv_heads, rep, self.head_dim))?;
-            let ki = k.narrow(2, 0, t + i + 1)?.contiguous()?;
-            let vi = v.narrow(2, 0, t + i + 1)?.contiguous()?;
+            let (ki, vi) = (
+                lone_step_keys(k.narrow(2, 0, t + i + 1)?)?,
+                lone_step_keys(v.narrow(2, 0, t + i + 1)?)?,
+            );
             let mi = match mask {
                 Some(m) => Some(m.narrow(2, i, 1)?.narrow(3, 0, t + i + 1)?.contiguous()?),
                 None => None,
@@ -252,7 +254,7 @@ impl Attention {
     ///   and values are read as strided views of the slots (no gather).
     /// - `l > 1`, a draft verification block: each row sees only its own columns, causally. On the CPU position
     ///   by position with exactly the operands of a lone row's plain decode step (its keys cut to
-    ///   `lens[i] + p + 1` columns, contiguous, no mask), so each block row is that step's bit for bit (the
+    ///   `lens[i] + p + 1` columns, no mask), so each block row is that step's bit for bit (the
     ///   static block path does the same, see `forward`); elsewhere one call per row with a causal mask.
     #[allow(clippy::too_many_arguments)]
     fn forward_slots(
@@ -285,7 +287,7 @@ impl Attention {
         }
         let rep = self.heads / self.kv_heads;
         let o = if l == 1 && b > 1 && x.device().is_cpu() {
-            // Row by row with exactly a lone step's operands (its own `len + 1` columns, contiguous, no mask):
+            // Row by row with exactly a lone step's operands (its own `len + 1` columns, no mask):
             // one masked call over the longest row's columns would sum each shorter row's softmax and weighted
             // sum in a different order (candle's CPU softmax adds in 32-lane chunks plus a scalar tail), so its
             // bits, and at a near tie its id, could differ from the row decoded alone.
@@ -297,8 +299,8 @@ impl Attention {
                     rep,
                     self.head_dim,
                 ))?;
-                let ki = k_all.narrow(0, s, 1)?.narrow(2, 0, len + 1)?.contiguous()?;
-                let vi = v_all.narrow(0, s, 1)?.narrow(2, 0, len + 1)?.contiguous()?;
+                let ki = lone_step_keys(k_all.narrow(0, s, 1)?.narrow(2, 0, len + 1)?)?;
+                let vi = lone_step_keys(v_all.narrow(0, s, 1)?.narrow(2, 0, len + 1)?)?;
                 outs.push(
                     attend(&qi, &ki, &vi, MAX_SCORE_ELEMS, |_, _| Ok(None))?.reshape((
                         1,
@@ -518,6 +520,17 @@ impl TextModel {
 
 /// `x + y`: the residual add, bf16 on the CPU through bf16_lanes.rs (one vectorised pass, the same bits as
 /// candle's bf16 add), anything else through candle.
+/// A row's own keys (or values) cut from a larger cache, as a lone decode step's attention gets them: a view
+/// where the bf16 decode kernel reads it in place with the same bits (decode_attention.rs, tested there),
+/// otherwise a contiguous copy, the operand the general path's lone step has.
+fn lone_step_keys(cut: Tensor) -> Result<Tensor> {
+    if cut.device().is_cpu() && cut.dtype() == DType::BF16 {
+        Ok(cut)
+    } else {
+        cut.contiguous()
+    }
+}
+
 fn residual(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     if bf16_lanes::applies(x) && x.shape() == y.shape() {
         bf16_lanes::add(x, y)
