@@ -13,9 +13,9 @@
 #![recursion_limit = "256"]
 
 mod continuous;
+mod decode_ab;
 mod drafts;
 mod measure;
-mod pool_ab;
 mod random_weights;
 mod scenarios;
 mod vision_ab;
@@ -216,12 +216,12 @@ fn main() -> anyhow::Result<()> {
         return vision_ab::run(&model, (w, h), args.vision_ab);
     }
     for (rounds, toggle) in [
-        (args.pool_ab, &pool_ab::POOL),
-        (args.attention_ab, &pool_ab::ATTENTION),
+        (args.pool_ab, &decode_ab::POOL),
+        (args.attention_ab, &decode_ab::ATTENTION),
     ] {
         if rounds > 0 {
             let steps = args.output_tokens;
-            return pool_ab::run(
+            return decode_ab::run(
                 toggle,
                 &model,
                 &tokenizer,

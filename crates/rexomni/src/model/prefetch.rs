@@ -4,8 +4,8 @@
 //! Why: with plain loads the hardware prefetchers kept this VM at ~21 GB/s on one decode step's weights (Q8_0
 //! and packed bf16 alike, the same as a plain read loop), while AMX tile loads, which put 16 lines in flight
 //! per instruction, reach ~29 GB/s on the same bf16 bytes. Asking for the line 4 KiB ahead of the one being
-//! read closes that gap (`rexbench-gemm --q8-sweep` / `--bf16-sweep`, docs/benchmarks.md): Q8_0 21 → 31–33
-//! GB/s at one row, AVX-512 BF16 22 → 29–31 GB/s. 1–16 KiB were tried, 4–8 KiB are flat; on the AMX level it
+//! read closes that gap (`rexbench-gemm --q8-sweep` / `--bf16-sweep`, docs/benchmarks.md): Q8_0 21–22 → 27–33
+//! GB/s at one row, AVX-512 BF16 19–23 → 25–31 GB/s. 1–16 KiB were tried, 4–8 KiB are flat; on the AMX level it
 //! changed nothing or slowed it, so that level does not prefetch.
 
 /// How far ahead of the weight line being read the kernels ask for it: 32 lines, the next ~15 µs of one core's
