@@ -284,13 +284,7 @@ impl Qwen25Vl {
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError> {
         cpu_pool::run(&self.device, || {
-            let b = tokens.len();
-            let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
-            let embeds = self.text.embed(&ids)?;
-            let pos: Vec<[u32; 3]> = positions.iter().map(|&p| [p; 3]).collect();
-            let (cos, sin) = self.cos_sin(&pos)?;
-            let half = cos.dim(1)?;
-            let (cos, sin) = (cos.reshape((b, 1, half))?, sin.reshape((b, 1, half))?);
+            let (embeds, cos, sin) = self.block_inputs(tokens, positions, 1)?;
             let mask = key_mask.cloned();
             let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
             let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
@@ -386,12 +380,7 @@ impl Qwen25Vl {
                     ),
                 });
             }
-            let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
-            let embeds = self.text.embed(&ids)?;
-            let pos: Vec<[u32; 3]> = positions.iter().map(|&p| [p; 3]).collect();
-            let (cos, sin) = self.cos_sin(&pos)?;
-            let half = cos.dim(1)?;
-            let (cos, sin) = (cos.reshape((b, 1, half))?, sin.reshape((b, 1, half))?);
+            let (embeds, cos, sin) = self.block_inputs(tokens, positions, 1)?;
             // Row i sees its own columns 0..=len_i (the new one included); None when no row is shorter than another,
             // so a lone row runs exactly the operations of a plain decode step.
             let lens: Vec<usize> = rows.iter().map(|&s| slots.len(s)).collect();
