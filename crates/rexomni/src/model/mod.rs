@@ -21,6 +21,7 @@ pub mod linear;
 pub mod loading;
 pub mod numerics;
 pub mod prefetch;
+pub mod prefill_attention;
 pub mod rope;
 pub mod text;
 pub mod vision;
@@ -215,10 +216,9 @@ impl Qwen25Vl {
         let (cos, sin) = self.cos_sin(&positions)?;
         let l = ids.len();
         // Built once per prefill (not per layer and chunk): [1, 1, L, L] additive f32.
-        let causal = text::causal_mask(0, l, 0, l, &self.device)?;
-        let mask = move |start: usize, rows: usize| causal.narrow(2, start, rows).map(Some);
+        let causal = text::Visible::Causal(text::causal_mask(0, l, 0, l, &self.device)?);
         let mut cache = KvCache::new(self.cfg.text.num_hidden_layers);
-        let hidden = self.text.forward(embeds, &cos, &sin, &mask, &mut cache)?;
+        let hidden = self.text.forward(embeds, &cos, &sin, &causal, &mut cache)?;
         Ok(Prefill {
             hidden,
             cache,
@@ -287,7 +287,8 @@ impl Qwen25Vl {
             let (embeds, cos, sin) = self.block_inputs(tokens, positions, 1)?;
             let mask = key_mask.cloned();
             let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
-            let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
+            let visible = text::Visible::Masked(&mask_fn);
+            let hidden = self.text.forward(&embeds, &cos, &sin, &visible, cache)?;
             Ok(self.text.logits(&hidden)?.squeeze(1)?)
         })
     }
@@ -315,7 +316,8 @@ impl Qwen25Vl {
             let (embeds, cos, sin) = self.block_inputs(tokens, first_positions, l)?;
             let mask = key_mask.cloned();
             let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
-            let hidden = self.text.forward(&embeds, &cos, &sin, &mask_fn, cache)?;
+            let visible = text::Visible::Masked(&mask_fn);
+            let hidden = self.text.forward(&embeds, &cos, &sin, &visible, cache)?;
             Ok(self.text.logits(&hidden)?)
         })
     }

@@ -15,6 +15,7 @@ use super::config::TextConfig;
 use super::kv_slots::KvSlots;
 use super::linear::{linear_forward, linear_forward_f32, Linear, LinearLoader};
 use super::numerics::{self, RmsNorm};
+use super::prefill_attention;
 
 /// Keys and values per layer, `[B, kv_heads, T, head_dim]`, grown by concatenation. Plain data: rows can be
 /// dropped (`select_rows`) when a sequence of the batch finishes.
@@ -131,8 +132,14 @@ impl Attention {
         let q = split(linear_forward(&self.q, x)?, self.heads)?;
         let k = split(linear_forward(&self.k, x)?, self.kv_heads)?;
         let v = split(linear_forward(&self.v, x)?, self.kv_heads)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let rope = |t: &Tensor| {
+            if bf16_lanes::applies(t) {
+                bf16_lanes::rope(t, cos, sin)
+            } else {
+                candle_nn::rotary_emb::rope(t, cos, sin)
+            }
+        };
+        let (q, k) = (rope(&q)?, rope(&k)?);
         Ok((q, k, v))
     }
 
@@ -141,7 +148,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &dyn Fn(usize, usize) -> Result<Option<Tensor>>,
+        visible: &Visible,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
@@ -153,6 +160,12 @@ impl Attention {
         };
         *cache = Some((k.clone(), v.clone()));
         let rep = self.heads / self.kv_heads;
+        if let Visible::Causal(_) = visible {
+            if !cached && prefill_attention::applies(&q, &k, &v) {
+                return linear_forward(&self.o, &prefill_attention::causal(&q, &k, &v)?);
+            }
+        }
+        let mask = visible.rows();
         let o = if l == 1 {
             // Decode: the `rep` query heads that share a kv head (head h uses kv head h / rep, as HF's repeat_kv)
             // become `rep` query rows against that kv head, so the cache is never copied `rep` times per step.
@@ -450,7 +463,7 @@ impl TextModel {
         embeds: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &dyn Fn(usize, usize) -> Result<Option<Tensor>>,
+        visible: &Visible,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         if cache.layers.len() != self.layers.len() {
@@ -460,7 +473,7 @@ impl TextModel {
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let a = layer
                 .attn
-                .forward(&layer.input_norm.forward(&x)?, cos, sin, mask, c)?;
+                .forward(&layer.input_norm.forward(&x)?, cos, sin, visible, c)?;
             let h = residual(&x, &a)?;
             x = residual(&h, &layer.mlp(&h)?)?;
         }
@@ -536,6 +549,26 @@ fn residual(x: &Tensor, y: &Tensor) -> Result<Tensor> {
         bf16_lanes::add(x, y)
     } else {
         x + y
+    }
+}
+
+/// What the attention of a [`TextModel::forward`] pass may see.
+pub enum Visible<'a> {
+    /// A prefill from an empty cache: token `i` sees tokens `0..=i`. The mask ([`causal_mask`], `[1, 1, L, L]`)
+    /// is for the general attention path; the bf16 CPU kernel (prefill_attention.rs) needs none.
+    Causal(Tensor),
+    /// `mask(start, rows)`: the additive f32 mask for query rows `start..start + rows` against all cached + new
+    /// keys, or `None` when every key is visible.
+    Masked(&'a dyn Fn(usize, usize) -> Result<Option<Tensor>>),
+}
+
+impl Visible<'_> {
+    /// The mask rows as the general attention path asks for them.
+    fn rows(&self) -> impl Fn(usize, usize) -> Result<Option<Tensor>> + '_ {
+        move |start, rows| match self {
+            Visible::Causal(m) => m.narrow(2, start, rows).map(Some),
+            Visible::Masked(f) => f(start, rows),
+        }
     }
 }
 

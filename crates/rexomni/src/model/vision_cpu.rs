@@ -24,7 +24,7 @@ use rayon::prelude::*;
 /// Query rows per attention task: 32 rows × (1564 + 15) f32 scores stay in L2 next to the head's keys.
 const QB: usize = 32;
 /// Score lanes computed together (one zmm of f32).
-const L: usize = 16;
+pub(super) const L: usize = 16;
 
 /// Attention of the vision blocks.
 ///
@@ -171,7 +171,7 @@ fn rope_row(x: &[bf16], cos: &[f32], sin: &[f32], out: &mut [f32]) {
 /// The instruction set the two inner loops are compiled for; every level computes the same bits (each lane
 /// is its own chain of separate multiplies and adds in the same order).
 #[derive(Clone, Copy)]
-enum Level {
+pub(super) enum Level {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -180,7 +180,7 @@ enum Level {
 }
 
 impl Level {
-    fn best() -> Level {
+    pub(super) fn best() -> Level {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx512f") {
@@ -195,7 +195,7 @@ impl Level {
 
     /// For `g ≤ R` query rows `qrow(r)`: `out[r · lkp + j] = q_r · k_j` for `j < lkp`, the keys packed as
     /// `[lkp / L][hd][L]` (lanes past the sequence are zero and ignored).
-    fn scores<'a>(
+    pub(super) fn scores<'a>(
         self,
         g: usize,
         qrow: &dyn Fn(usize) -> &'a [f32],
@@ -234,7 +234,7 @@ impl Level {
     }
 
     /// `x ← softmax(x · scale)` in place (lane-wise max, exp and sum, combined in a fixed order).
-    fn softmax(self, x: &mut [f32], scale: f32) {
+    pub(super) fn softmax(self, x: &mut [f32], scale: f32) {
         match self {
             // SAFETY: the level was detected on this CPU.
             #[cfg(target_arch = "x86_64")]
@@ -247,7 +247,7 @@ impl Level {
 
     /// For `g ≤ R` rows of probabilities `p[r · lkp ..][..lk]`: `acc[r · hd + c] = Σ_j p_rj · v[j · stride + c]`.
     #[allow(clippy::too_many_arguments)]
-    fn weighted_sum(
+    pub(super) fn weighted_sum(
         self,
         g: usize,
         p: &[f32],
@@ -289,7 +289,7 @@ impl Level {
 
 /// Query rows computed together: 4 rows × 2 blocks of L lanes = 8 independent accumulator chains, enough to
 /// hide the add latency.
-const R: usize = 4;
+pub(super) const R: usize = 4;
 
 #[inline(always)]
 unsafe fn load(p: *const f32) -> [f32; L] {

@@ -1,0 +1,230 @@
+//! The decoder's causal attention over a whole prompt (prefill from an empty cache) on the CPU in bf16.
+//!
+//! In: q `[B, H, L, d]`, k and v `[B, Hkv, L, d]` bf16 after RoPE (`H` a multiple of `Hkv`; query head `h` reads
+//! kv head `h / (H / Hkv)`, as HF's `repeat_kv`), token `i` seeing tokens `0..=i`. Out: `[B, L, H · d]` bf16,
+//! the layout the output projection reads. One rayon task per `(b, block of positions)`.
+//!
+//! Why: the general path (attention.rs) copied k and v once per query head (`repeat_kv`), widened everything
+//! to f32, ran candle's f32 GEMM over every column — the masked upper triangle too — and built a `[L, L]` mask
+//! sum and softmax through candle's strided loops: at 640×480 (441 tokens) about 45 % of a real-config prefill.
+//! Here each kv head's keys and values are widened once and shared by its query heads, and position `i` reads
+//! columns `0..=i` only.
+//!
+//! Numerics, as the general path: f32 scores, softmax and weighted sum, the output rounded to bf16 once; the
+//! blocks are vision_cpu.rs's (every instruction set gives the same bits). A row's sums run over its own
+//! `i + 1` columns in a fixed order, so its bits depend on nothing else in the batch. They differ from the
+//! general path's in the last f32 bits (another summation order), which moves an output sitting on a bf16
+//! rounding boundary by one step. Prefill runs this same function in every decoding mode (plain, drafts,
+//! continuous), so the modes' ids stay identical to each other.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Result, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use super::vision_cpu::{Level, L, R};
+
+/// Positions per task: enough tasks for the pool at 100-token prompts, few enough that a task's scratch
+/// (`R` rows of scores) and its kv heads stay in L2.
+const POSITIONS: usize = 16;
+
+/// Off only for A/B measurements ([`set_enabled`]): the general path then runs the prefill.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Whether [`applies`] can say yes (default: yes). For benchmarks and tests that compare both paths.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`causal`] takes these operands: bf16 CPU tensors of the shapes above.
+pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return false;
+    }
+    let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::BF16 && t.rank() == 4;
+    if !(ok(q) && ok(k) && ok(v)) {
+        return false;
+    }
+    let (qd, kd) = (q.dims(), k.dims());
+    kd == v.dims()
+        && qd[0] == kd[0]
+        && kd[1] > 0
+        && qd[1] % kd[1] == 0
+        && qd[2] == kd[2]
+        && qd[3] == kd[3]
+}
+
+/// The causal attention (see the module doc).
+pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, heads, l, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let rep = heads / kv_heads;
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let flat = |t: &Tensor| -> Result<Vec<bf16>> { t.contiguous()?.flatten_all()?.to_vec1() };
+    let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+    // Per (b, kv head): keys widened into vision_cpu's score layout `[block][d][L]` (zero past `l`), so the
+    // keys of columns `0..j` are a prefix; values as `[l][d]` f32.
+    let lp = l.div_ceil(L) * L;
+    let mut keys = vec![0f32; b * kv_heads * lp * d];
+    let mut values = vec![0f32; b * kv_heads * l * d];
+    keys.par_chunks_mut(lp * d)
+        .zip(values.par_chunks_mut(l * d))
+        .enumerate()
+        .for_each(|(bg, (kp, vf))| {
+            let (ks, vs) = (&k[bg * l * d..][..l * d], &v[bg * l * d..][..l * d]);
+            for (j, row) in ks.chunks_exact(d).enumerate() {
+                let (blk, lane) = (j / L, j % L);
+                for (c, x) in row.iter().enumerate() {
+                    kp[(blk * d + c) * L + lane] = x.to_f32();
+                }
+            }
+            for (o, x) in vf.iter_mut().zip(vs) {
+                *o = x.to_f32();
+            }
+        });
+
+    let level = Level::best();
+    let width = heads * d;
+    let mut out = vec![bf16::ZERO; b * l * width];
+    // Tasks: (batch row, block of positions), each owning its `[positions, H · d]` slice of the output.
+    let blocks = l.div_ceil(POSITIONS);
+    let mut tasks = Vec::with_capacity(b * blocks);
+    let mut rest = out.as_mut_slice();
+    for bi in 0..b {
+        for blk in 0..blocks {
+            let i0 = blk * POSITIONS;
+            let n = POSITIONS.min(l - i0);
+            let (mine, tail) = rest.split_at_mut(n * width);
+            tasks.push((bi, i0, mine));
+            rest = tail;
+        }
+    }
+    tasks.into_par_iter().for_each(|(bi, i0, o)| {
+        let mut qf = vec![0f32; R * d];
+        let mut scores = vec![0f32; R * lp];
+        let mut acc = vec![0f32; R * d];
+        for (pi, orow) in o.chunks_exact_mut(width).enumerate() {
+            let i = i0 + pi;
+            let (cols, colsp) = (i + 1, (i + 1).div_ceil(L) * L);
+            for g in 0..kv_heads {
+                let bg = bi * kv_heads + g;
+                let kp = &keys[bg * lp * d..][..colsp * d];
+                let vf = &values[bg * l * d..][..cols * d];
+                for h0 in (0..rep).step_by(R) {
+                    let n = R.min(rep - h0);
+                    for r in 0..n {
+                        let h = g * rep + h0 + r;
+                        let src = &q[((bi * heads + h) * l + i) * d..][..d];
+                        for (f, x) in qf[r * d..][..d].iter_mut().zip(src) {
+                            *f = x.to_f32();
+                        }
+                    }
+                    level.scores(n, &|r| &qf[r * d..][..d], kp, colsp, &mut scores);
+                    for r in 0..n {
+                        level.softmax(&mut scores[r * colsp..][..cols], scale);
+                    }
+                    level.weighted_sum(n, &scores, colsp, cols, vf, d, &mut acc);
+                    for r in 0..n {
+                        let h = g * rep + h0 + r;
+                        for (y, &a) in orow[h * d..][..d].iter_mut().zip(&acc[r * d..][..d]) {
+                            *y = bf16::from_f32(a);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Tensor::from_vec(out, (b, l, width), &Device::Cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::attention::{attend, MAX_SCORE_ELEMS};
+    use crate::model::bf16_lanes::test_values::{bits, rand_bf16};
+    use crate::model::text::causal_mask;
+
+    fn operands(b: usize, h: usize, hkv: usize, l: usize, d: usize) -> (Tensor, Tensor, Tensor) {
+        let q = rand_bf16((b * h * l, d), 11, 2.0)
+            .reshape((b, h, l, d))
+            .unwrap();
+        let k = rand_bf16((b * hkv * l, d), 12, 2.0)
+            .reshape((b, hkv, l, d))
+            .unwrap();
+        let v = rand_bf16((b * hkv * l, d), 13, 1.0)
+            .reshape((b, hkv, l, d))
+            .unwrap();
+        (q, k, v)
+    }
+
+    /// The general path as prefill ran it: k and v repeated per query head, f32 composite with the causal
+    /// mask, then `[B, H, L, d]` → `[B, L, H · d]`.
+    fn general(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, h, l, d) = q.dims4()?;
+        let rep = h / k.dim(1)?;
+        let k = candle_transformers::utils::repeat_kv(k.clone(), rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v.clone(), rep)?.contiguous()?;
+        let mask = causal_mask(0, l, 0, l, &Device::Cpu)?;
+        let o = attend(q, &k, &v, MAX_SCORE_ELEMS, |s, n| {
+            mask.narrow(2, s, n).map(Some)
+        })?;
+        o.transpose(1, 2)?.reshape((b, l, h * d))
+    }
+
+    /// Against the general path: the same bf16 value on almost every element, never more than one bf16
+    /// step apart relative to the output's scale. Shapes: the real head layout (16 over 2, d 128) at a length
+    /// that is no multiple of 16, grouped heads that do not fill the 4-row groups, no grouping, two batch rows.
+    #[test]
+    fn matches_the_general_path() -> Result<()> {
+        for (b, h, hkv, l, d) in [
+            (1, 16, 2, 53, 128),
+            (2, 6, 2, 37, 40),
+            (1, 3, 3, 20, 16),
+            (2, 4, 1, 1, 8),
+        ] {
+            let (q, k, v) = operands(b, h, hkv, l, d);
+            assert!(applies(&q, &k, &v));
+            let ours = causal(&q, &k, &v)?;
+            let want = general(&q, &k, &v)?;
+            assert_eq!(ours.dims(), want.dims());
+            let (a, w) = (bits(&ours), bits(&want));
+            let same = a.iter().zip(&w).filter(|(x, y)| x == y).count() as f32 / a.len() as f32;
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            let diff = (f(&ours)? - f(&want)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            let top = f(&want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                same >= 0.97 && diff / top <= 1.0 / 64.0,
+                "b{b} h{h}/{hkv} l{l} d{d}: {same} equal, rel diff {}",
+                diff / top
+            );
+        }
+        Ok(())
+    }
+
+    /// Causality and row independence: position `i`'s output depends on tokens `0..=i` only (a prompt cut
+    /// after `i` gives the same bits), and a batch row's bits are its own alone.
+    #[test]
+    fn a_position_sees_only_its_past_and_rows_are_independent() -> Result<()> {
+        let (b, h, hkv, l, d) = (2, 8, 2, 45, 64);
+        let (q, k, v) = operands(b, h, hkv, l, d);
+        let all = causal(&q, &k, &v)?;
+        let cut = 30;
+        let short = causal(
+            &q.narrow(2, 0, cut)?,
+            &k.narrow(2, 0, cut)?,
+            &v.narrow(2, 0, cut)?,
+        )?;
+        assert_eq!(bits(&short), bits(&all.narrow(1, 0, cut)?.contiguous()?));
+        let row = causal(
+            &q.narrow(0, 1, 1)?,
+            &k.narrow(0, 1, 1)?,
+            &v.narrow(0, 1, 1)?,
+        )?;
+        assert_eq!(bits(&row), bits(&all.narrow(0, 1, 1)?.contiguous()?));
+        Ok(())
+    }
+}
