@@ -15,6 +15,7 @@
 mod continuous;
 mod decode_ab;
 mod drafts;
+mod lockstep;
 mod measure;
 mod random_weights;
 mod scenarios;
@@ -117,6 +118,11 @@ struct Args {
     /// general attention path, alternating in one process, this many rounds each; 0 = off.
     #[arg(long, default_value_t = 0)]
     attention_ab: usize,
+    /// Load, prepare one --image-size frame and prefill it, then measure stages on command: read `vision`,
+    /// `prefill`, `decode <batch> <steps>` or `quit` lines from stdin and answer one JSON line each on stdout.
+    /// tests/reference/side_by_side.py drives this to alternate with transformers stage by stage.
+    #[arg(long)]
+    lockstep: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -211,6 +217,9 @@ fn main() -> anyhow::Result<()> {
             eprintln!("rexbench: wrote {}", path.display());
         }
         return Ok(());
+    }
+    if args.lockstep {
+        return lockstep::serve(&model, &tokenizer, (w, h));
     }
     if args.vision_ab > 0 {
         return vision_ab::run(&model, (w, h), args.vision_ab);

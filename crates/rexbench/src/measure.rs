@@ -105,9 +105,11 @@ pub fn run(
         sync(&e)
     })?;
     let image_embeds = model.encode_image(&pixel_values, grid)?;
+    // Prefill up to the first token's logits (the last row's), as bench_hf.py times transformers' prefill.
     let prefill = time_it(plan.iters, || {
         let p = model.prefill(&ids, &image_embeds, grid)?;
-        sync(&p.hidden)
+        last_argmax(model, &p.hidden)?;
+        Ok(())
     })?;
 
     let cfg = &model.cfg;
@@ -250,7 +252,7 @@ impl Report {
 }
 
 /// `steps` greedy decode steps for the batch, whatever the ids (see the module doc).
-fn decode_steps(
+pub(crate) fn decode_steps(
     model: &Qwen25Vl,
     cache: &mut KvCache,
     mut tokens: Vec<u32>,
@@ -269,7 +271,7 @@ fn decode_steps(
     Ok(())
 }
 
-fn last_argmax(model: &Qwen25Vl, hidden: &Tensor) -> anyhow::Result<u32> {
+pub(crate) fn last_argmax(model: &Qwen25Vl, hidden: &Tensor) -> anyhow::Result<u32> {
     let l = hidden.dim(1)?;
     let logits = model.logits(&hidden.narrow(1, l - 1, 1)?)?.flatten_all()?;
     Ok(logits.argmax(0)?.to_scalar::<u32>()?)
@@ -292,7 +294,7 @@ fn time_it(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::R
 }
 
 /// Waits for the device: reading one value back forces queued kernels to finish.
-fn sync(t: &Tensor) -> anyhow::Result<()> {
+pub(crate) fn sync(t: &Tensor) -> anyhow::Result<()> {
     t.flatten_all()?
         .narrow(0, 0, 1)?
         .to_dtype(DType::F32)?
