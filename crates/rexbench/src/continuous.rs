@@ -10,12 +10,15 @@
 //! with its own brightness, all of one size, so same-size vision and prefill apply in both modes).
 //! - `static`: what the worker did before: one batch of one frame per stream through
 //!   `engine::generate_with_budgets`, the next batch only when the longest answer is done; `frames / streams`
-//!   rounds.
+//!   batches.
 //! - `continuous`: one `ContinuousSession` of `streams` slots; whenever a stream's row finishes, that stream's
 //!   next frame is admitted before the next step (rows finishing in the same step are admitted together), until
 //!   `frames` frames are admitted; a short-answer stream is served more often, as the scheduler would serve it.
 //! - `continuous + drafts`: the same, each frame admitted with its stream's previous answer as a draft (what
 //!   the worker does; here every stream's frames are one image, so the drafts are exact: a still camera).
+//!
+//! `rounds` repeats the three modes, in reverse order every other round, so that each ratio compares runs minutes
+//! apart (this VM's speed drifts within minutes); `table` prints each round's ratios and their median.
 //!
 //! Wall time covers vision, prefill and decode (not preprocessing, done once up front). Decode forward passes
 //! are counted as the engine runs them (a static batch's passes are its longest row's). Every answer is checked
@@ -32,6 +35,9 @@ use serde::Serialize;
 
 #[derive(Debug, Serialize)]
 pub struct ContinuousRow {
+    /// 1-based: `--continuous-rounds` repeats the modes, alternating their order, so each ratio's two sides
+    /// are measured minutes apart at most (this VM's speed drifts within minutes).
+    pub round: usize,
     pub mode: &'static str,
     pub streams: usize,
     pub budgets: Vec<usize>,
@@ -59,6 +65,7 @@ pub fn run(
     (w, h): (u32, u32),
     budgets: &[usize],
     frames: usize,
+    rounds: usize,
 ) -> anyhow::Result<Vec<ContinuousRow>> {
     anyhow::ensure!(!budgets.is_empty(), "--continuous-budgets: no stream");
     let streams = budgets.len();
@@ -93,16 +100,71 @@ pub fn run(
         ..GenerateParams::default()
     };
 
-    // Static batches: one frame per stream, the next batch after the longest answer.
-    let rounds = frames.div_ceil(streams).max(1);
+    // Static batches: one frame per stream, the next batch after the longest answer. Continuous: a stream's
+    // next frame joins as soon as its previous row is done; then the same with each frame verifying its
+    // stream's previous answer as a draft (a still camera: the answers repeat). Odd rounds run the modes in
+    // that order, even rounds in reverse.
+    let batches = frames.div_ceil(streams).max(1);
     let batch: Vec<GenerateRequest> = (0..streams).map(clone).collect();
+    let mut reference: Vec<Vec<u32>> = Vec::new();
+    let mut rows = Vec::new();
+    for round in 1..=rounds.max(1) {
+        let mut modes = [Mode::Static, Mode::Continuous, Mode::Drafts];
+        if round % 2 == 0 {
+            modes.reverse();
+        }
+        // Round 1 runs static first: its answers are every stream's reference.
+        for mode in modes {
+            let row = match mode {
+                Mode::Static => {
+                    let (row, answers) =
+                        static_batches(model, &batch, &params, budgets, batches, &reference)?;
+                    if reference.is_empty() {
+                        reference = answers;
+                    }
+                    row
+                }
+                Mode::Continuous | Mode::Drafts => continuous(
+                    model,
+                    &clone,
+                    &params,
+                    budgets,
+                    &reference,
+                    batches * streams,
+                    mode == Mode::Drafts,
+                )?,
+            };
+            rows.push(ContinuousRow { round, ..row });
+        }
+    }
+    Ok(rows)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Static,
+    Continuous,
+    Drafts,
+}
+
+/// `batches` static batches of one frame per stream; the row and the first batch's answers (each stream's
+/// reference when `reference` is still empty; otherwise every answer is checked against it).
+fn static_batches(
+    model: &Qwen25Vl,
+    batch: &[GenerateRequest],
+    params: &GenerateParams,
+    budgets: &[usize],
+    batches: usize,
+    reference: &[Vec<u32>],
+) -> anyhow::Result<(ContinuousRow, Vec<Vec<u32>>)> {
+    let streams = batch.len();
     let t = Instant::now();
     let c0 = cpu_seconds();
-    let mut reference: Vec<Vec<u32>> = Vec::new();
+    let mut first: Vec<Vec<u32>> = Vec::new();
     let (mut passes, mut tokens, mut identical) = (0, 0, true);
     let mut vision_prefill = 0.0;
-    for _ in 0..rounds {
-        let out = generate_with_budgets(model, &batch, &params, budgets)?;
+    for _ in 0..batches {
+        let out = generate_with_budgets(model, batch, params, budgets)?;
         // One same-size group: every row reports the group's vision and prefill time.
         vision_prefill += out.first().map_or(0.0, |o| {
             (o.timings.vision + o.timings.prefill).as_secs_f64()
@@ -113,20 +175,26 @@ pub fn run(
             .max()
             .unwrap_or(0);
         tokens += out.iter().map(|o| o.token_ids.len()).sum::<usize>();
-        if reference.is_empty() {
-            reference = out.iter().map(|o| o.token_ids.clone()).collect();
+        if first.is_empty() {
+            first = out.iter().map(|o| o.token_ids.clone()).collect();
         }
-        identical &= out.iter().zip(&reference).all(|(o, r)| &o.token_ids == r);
+        let want = if reference.is_empty() {
+            &first[..]
+        } else {
+            reference
+        };
+        identical &= out.iter().zip(want).all(|(o, r)| &o.token_ids == r);
     }
     let wall = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds().zip(c0).map(|(b, a)| b - a);
-    let n = rounds * streams;
-    let mut rows = vec![ContinuousRow {
+    let n = batches * streams;
+    let row = ContinuousRow {
+        round: 0,
         mode: "static",
         streams,
         budgets: budgets.to_vec(),
         frames: n,
-        frames_per_stream: vec![rounds; streams],
+        frames_per_stream: vec![batches; streams],
         wall_s: wall,
         cpu_s: cpu,
         frames_per_s: n as f64 / wall,
@@ -135,16 +203,8 @@ pub fn run(
         passes_per_frame: passes as f64 / n as f64,
         generated_tokens: tokens,
         ids_identical: identical,
-    }];
-
-    // Continuous: a stream's next frame joins as soon as its previous row is done; then the same with each
-    // frame verifying its stream's previous answer as a draft (a still camera: the answers repeat).
-    for drafts in [false, true] {
-        rows.push(continuous(
-            model, &clone, &params, budgets, &reference, n, drafts,
-        )?);
-    }
-    Ok(rows)
+    };
+    Ok((row, first))
 }
 
 /// One continuous run of `total` frames over `budgets.len()` always-busy streams; with `drafts`, each frame
@@ -200,6 +260,7 @@ fn continuous(
     let wall = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds().zip(c0).map(|(b, a)| b - a);
     Ok(ContinuousRow {
+        round: 0,
         mode: if drafts {
             "continuous + drafts"
         } else {
@@ -232,21 +293,17 @@ fn cpu_seconds() -> Option<f64> {
 }
 
 pub fn table(rows: &[ContinuousRow]) -> String {
-    let base = rows
-        .iter()
-        .find(|r| r.mode == "static")
-        .map(|r| r.frames_per_s);
+    let static_of = |round: usize| rows.iter().find(|r| r.mode == "static" && r.round == round);
     let cpu_per_frame = |r: &ContinuousRow| r.cpu_s.map(|c| c / r.frames as f64);
-    let base_cpu = rows
-        .iter()
-        .find(|r| r.mode == "static")
-        .and_then(cpu_per_frame);
     let mut s = String::from(
-        "\n| mode | streams (budgets) | frames | per stream | wall s | vision+prefill s | frames/s | vs static | CPU s/frame | vs static | decode passes | passes/frame | ids identical |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "\n| round | mode | streams (budgets) | frames | per stream | wall s | vision+prefill s | frames/s | vs static | CPU s/frame | vs static | decode passes | passes/frame | ids identical |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
+        let base = static_of(r.round).map(|b| b.frames_per_s);
+        let base_cpu = static_of(r.round).and_then(cpu_per_frame);
         s += &format!(
-            "| {} | {} ({}) | {} | {} | {:.1} | {:.1} | {:.3} | {} | {} | {} | {} | {:.1} | {} |\n",
+            "| {} | {} | {} ({}) | {} | {} | {:.1} | {:.1} | {:.3} | {} | {} | {} | {} | {:.1} | {} |\n",
+            r.round,
             r.mode,
             r.streams,
             r.budgets
@@ -277,5 +334,25 @@ pub fn table(rows: &[ContinuousRow]) -> String {
             r.ids_identical,
         );
     }
-    s
+    // Each mode against the same round's static run, then the median over rounds.
+    for mode in ["continuous", "continuous + drafts"] {
+        let mut ratios: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.mode == mode)
+            .filter_map(|r| static_of(r.round).map(|b| r.frames_per_s / b.frames_per_s))
+            .collect();
+        if ratios.is_empty() {
+            continue;
+        }
+        let listed = ratios
+            .iter()
+            .map(|x| format!("{x:.2}×"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        ratios.sort_by(f64::total_cmp);
+        let n = ratios.len();
+        let median = (ratios[(n - 1) / 2] + ratios[n / 2]) / 2.0;
+        s += &format!("\n{mode} vs static, frames/s per round: {listed}; median {median:.2}×");
+    }
+    s + "\n"
 }

@@ -106,6 +106,10 @@ struct Args {
     /// With --continuous: frames served per mode (rounded up to whole static batches).
     #[arg(long, default_value_t = 16)]
     continuous_frames: usize,
+    /// With --continuous: repeat the three modes this many times, alternating their order, and print each
+    /// round's ratios and their median (the machine's speed drifts; ratios of neighbouring runs hold better).
+    #[arg(long, default_value_t = 1)]
+    continuous_rounds: usize,
     /// Time the vision tower with the bf16 CPU kernels and with candle's ops as before, alternating in one
     /// process, this many rounds each, instead of the stage measurements; 0 = off.
     #[arg(long, default_value_t = 0)]
@@ -209,6 +213,7 @@ fn main() -> anyhow::Result<()> {
             (w, h),
             &args.continuous_budgets,
             args.continuous_frames,
+            args.continuous_rounds,
         )?;
         print!("{}", continuous::table(&rows));
         if let Some(path) = &args.json {
