@@ -30,6 +30,31 @@ pub fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::BF16
 }
 
+/// Whether every tensor is a rank-4 bf16 CPU tensor: the operands the attention kernels take
+/// (decode_attention.rs, prefill_attention.rs).
+pub fn all_bf16_cpu_4d(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::BF16 && t.rank() == 4)
+}
+
+/// On/off for a CPU kernel that has a general fallback path: on unless a benchmark or test that compares the two
+/// paths turns it off.
+pub struct KernelSwitch(std::sync::atomic::AtomicBool);
+
+impl KernelSwitch {
+    pub const fn on() -> Self {
+        Self(std::sync::atomic::AtomicBool::new(true))
+    }
+
+    pub fn set(&self, on: bool) {
+        self.0.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Runs `f` on `t`'s values (made contiguous first).
 pub(crate) fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[bf16]) -> R) -> Result<R> {
     let t = t.contiguous()?;

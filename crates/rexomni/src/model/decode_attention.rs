@@ -18,13 +18,11 @@
 //! exact 0 everywhere, so a row with masked trailing columns gets the bits it gets without them. The
 //! exponential is `bf16_lanes::exp_lane` (within 2 ulp of libm's). Every instruction set gives the same bits.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::bf16_lanes::{exp_lane, round_lane, vectorised, widen};
+use super::bf16_lanes::{all_bf16_cpu_4d, exp_lane, round_lane, vectorised, widen, KernelSwitch};
 
 /// Query rows per `(b, h)` this path takes (a decode step has `heads / kv_heads` of them: 8 in the real model).
 pub const MAX_ROWS: usize = 16;
@@ -32,20 +30,16 @@ pub const MAX_ROWS: usize = 16;
 const LANES: usize = 16;
 
 /// Off only for A/B measurements ([`set_enabled`]): the general path then runs every shape.
-static ENABLED: AtomicBool = AtomicBool::new(true);
+static ENABLED: KernelSwitch = KernelSwitch::on();
 
 /// Whether [`applies`] can say yes (default: yes). For benchmarks that time both paths.
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
+    ENABLED.set(on);
 }
 
 /// Whether `attend` applies: bf16 CPU tensors of decode shape, the last dimension contiguous in k and v.
 pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    if !ENABLED.load(Ordering::Relaxed) {
-        return false;
-    }
-    let bf16_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::BF16 && t.rank() == 4;
-    if !(bf16_cpu(q) && bf16_cpu(k) && bf16_cpu(v)) {
+    if !ENABLED.is_on() || !all_bf16_cpu_4d(&[q, k, v]) {
         return false;
     }
     let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());

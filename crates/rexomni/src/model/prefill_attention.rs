@@ -17,12 +17,11 @@
 //! rounding boundary by one step. Prefill runs this same function in every decoding mode (plain, drafts,
 //! continuous), so the modes' ids stay identical to each other.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::bf16_lanes::{all_bf16_cpu_4d, KernelSwitch};
 use super::vision_cpu::{Level, L, R};
 
 /// Positions per task: enough tasks for the pool at 100-token prompts, few enough that a task's scratch
@@ -30,20 +29,16 @@ use super::vision_cpu::{Level, L, R};
 const POSITIONS: usize = 16;
 
 /// Off only for A/B measurements ([`set_enabled`]): the general path then runs the prefill.
-static ENABLED: AtomicBool = AtomicBool::new(true);
+static ENABLED: KernelSwitch = KernelSwitch::on();
 
 /// Whether [`applies`] can say yes (default: yes). For benchmarks and tests that compare both paths.
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
+    ENABLED.set(on);
 }
 
 /// Whether [`causal`] takes these operands: bf16 CPU tensors of the shapes above.
 pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    if !ENABLED.load(Ordering::Relaxed) {
-        return false;
-    }
-    let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::BF16 && t.rank() == 4;
-    if !(ok(q) && ok(k) && ok(v)) {
+    if !ENABLED.is_on() || !all_bf16_cpu_4d(&[q, k, v]) {
         return false;
     }
     let (qd, kd) = (q.dims(), k.dims());
@@ -144,6 +139,7 @@ mod tests {
     use crate::model::attention::{attend, MAX_SCORE_ELEMS};
     use crate::model::bf16_lanes::test_values::{bits, rand_bf16};
     use crate::model::text::causal_mask;
+    use candle_core::DType;
 
     fn operands(b: usize, h: usize, hkv: usize, l: usize, d: usize) -> (Tensor, Tensor, Tensor) {
         let q = rand_bf16((b * h * l, d), 11, 2.0)
