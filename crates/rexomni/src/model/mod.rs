@@ -215,8 +215,7 @@ impl Qwen25Vl {
         let (positions, rope_delta) = rope::mrope_positions(ids, self.cfg.image_token_id, lh, lw);
         let (cos, sin) = self.cos_sin(&positions)?;
         let l = ids.len();
-        // Built once per prefill (not per layer and chunk): [1, 1, L, L] additive f32.
-        let causal = text::Visible::Causal(text::causal_mask(0, l, 0, l, &self.device)?);
+        let causal = text::Visible::Causal(text::CausalMask::new(l, &self.device));
         let mut cache = KvCache::new(self.cfg.text.num_hidden_layers);
         let hidden = self.text.forward(embeds, &cos, &sin, &causal, &mut cache)?;
         Ok(Prefill {

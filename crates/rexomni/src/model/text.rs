@@ -554,19 +554,48 @@ fn residual(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 
 /// What the attention of a [`TextModel::forward`] pass may see.
 pub enum Visible<'a> {
-    /// A prefill from an empty cache: token `i` sees tokens `0..=i`. The mask ([`causal_mask`], `[1, 1, L, L]`)
-    /// is for the general attention path; the bf16 CPU kernel (prefill_attention.rs) needs none.
-    Causal(Tensor),
+    /// A prefill from an empty cache: token `i` sees tokens `0..=i`.
+    Causal(CausalMask),
     /// `mask(start, rows)`: the additive f32 mask for query rows `start..start + rows` against all cached + new
     /// keys, or `None` when every key is visible.
     Masked(&'a dyn Fn(usize, usize) -> Result<Option<Tensor>>),
+}
+
+/// The `[1, 1, L, L]` additive mask of a causal prefill, built on first use and then shared by every layer and
+/// chunk: the general attention path needs it, the bf16 CPU kernel (prefill_attention.rs) does not, and at the
+/// largest frames (~2600 prompt tokens) it is 27 MB of f32.
+pub struct CausalMask {
+    len: usize,
+    device: candle_core::Device,
+    built: std::cell::OnceCell<Tensor>,
+}
+
+impl CausalMask {
+    pub fn new(len: usize, device: &candle_core::Device) -> Self {
+        Self {
+            len,
+            device: device.clone(),
+            built: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn rows(&self, start: usize, rows: usize) -> Result<Tensor> {
+        let full = match self.built.get() {
+            Some(m) => m,
+            None => {
+                let m = causal_mask(0, self.len, 0, self.len, &self.device)?;
+                self.built.get_or_init(|| m)
+            }
+        };
+        full.narrow(2, start, rows)
+    }
 }
 
 impl Visible<'_> {
     /// The mask rows as the general attention path asks for them.
     fn rows(&self) -> impl Fn(usize, usize) -> Result<Option<Tensor>> + '_ {
         move |start, rows| match self {
-            Visible::Causal(m) => m.narrow(2, start, rows).map(Some),
+            Visible::Causal(m) => m.rows(start, rows).map(Some),
             Visible::Masked(f) => f(start, rows),
         }
     }
