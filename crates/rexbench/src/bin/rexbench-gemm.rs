@@ -6,7 +6,8 @@
 //! In: nothing (random bf16 operands; `--quick` for fewer shapes, `--f32` for the f32 table only, `--levels`
 //! for rexomni's packed GEMM on each instruction-set level of this CPU only (AMX, AVX-512 BF16, AVX2+FMA),
 //! `--q8` for the Q8_0 table only, `--q8-sweep` for one decode step's Q8_0 weights against a plain read,
-//! `--bf16-sweep` for the same step's packed bf16 weights on each level).
+//! `--bf16-sweep` for the same step's packed bf16 weights on each level, `--prefill-sweep` for a prefill's
+//! weights at 441 rows, cold).
 //! Out: one table on stdout, ms per call (the
 //! fastest of the repeats: the machine is shared, and the minimum is the least disturbed) and GFLOP/s
 //! (2·m·k·n). Runs on the main thread and the rayon pool (`RAYON_NUM_THREADS`).
@@ -101,6 +102,9 @@ fn main() -> anyhow::Result<()> {
     }
     if std::env::args().any(|a| a == "--bf16-sweep") {
         return bf16_sweep(Duration::from_millis(2000));
+    }
+    if std::env::args().any(|a| a == "--prefill-sweep") {
+        return prefill_sweep(Duration::from_millis(3000));
     }
     if std::env::args().any(|a| a == "--q8-sweep") {
         return q8_sweep(Duration::from_millis(2000));
@@ -473,6 +477,81 @@ fn bf16_sweep(budget: Duration) -> anyhow::Result<()> {
             })
             .collect();
         println!("| {m} | {} |", cells.join(" | "));
+    }
+    Ok(())
+}
+
+/// A prefill's linear layers, cold: the 4-layer decoder's weights of [`decode_step_layers`] (without the lm_head,
+/// which a prefill calls for one row) at 441 rows, a 640×480 frame's prompt, in model order. Unlike the table
+/// above, which repeats one weight that the last-level cache then holds, every weight here comes from memory, as
+/// in a real prefill; so this is what a blocking change does in place.
+fn prefill_sweep(budget: Duration) -> anyhow::Result<()> {
+    const ROWS: usize = 441;
+    let mut layers = decode_step_layers();
+    layers.pop();
+    let ws: Vec<PackedBf16> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, &(k, n))| PackedBf16::pack(&values(n * k, 3 + i as u64), n, k))
+        .collect();
+    let bytes: usize = ws.iter().map(|w| w.packed_bytes()).sum();
+    let flop: f64 = layers
+        .iter()
+        .map(|&(k, n)| 2.0 * (ROWS * k * n) as f64)
+        .sum();
+    let xs: Vec<Vec<bf16>> = [2048usize, 11008]
+        .iter()
+        .map(|&k| values(ROWS * k, 1))
+        .collect();
+    println!(
+        "# A prefill's linear layers, cold: 4 × (q, k, v, o, gate, up, down) at the real widths, {ROWS} rows, {:.0} MB of packed bf16, {:.0} GFLOP; best-of-repeats ms (TFLOP/s)",
+        bytes as f64 / 1e6,
+        flop / 1e9
+    );
+    // Groups of one layer: attention (q, k, v, o), gate/up, down; each row's times are from its fastest pass.
+    let group = |i: usize| match i % 7 {
+        0..=3 => 0,
+        4 | 5 => 1,
+        _ => 2,
+    };
+    let mut group_flop = [0f64; 3];
+    for (i, &(k, n)) in layers.iter().enumerate() {
+        group_flop[group(i)] += 2.0 * (ROWS * k * n) as f64;
+    }
+    println!("| level | all: ms (TFLOP/s) | q, k, v, o | gate, up | down |");
+    println!("|---|---|---|---|---|");
+    for level in Level::available()
+        .into_iter()
+        .filter(|l| matches!(l, Level::Amx | Level::Avx512Bf16))
+    {
+        let mut fastest = (f64::INFINITY, [0f64; 3]);
+        let start = Instant::now();
+        for pass in 0.. {
+            if pass >= 4 && start.elapsed() >= budget {
+                break;
+            }
+            let mut groups = [0f64; 3];
+            for (i, w) in ws.iter().enumerate() {
+                let x = &xs[usize::from(w.k() != 2048)];
+                let t = Instant::now();
+                std::hint::black_box(w.matmul_on(level, x, ROWS, None));
+                groups[group(i)] += t.elapsed().as_secs_f64() * 1e3;
+            }
+            let total: f64 = groups.iter().sum();
+            // The first pass warms the code and the allocator, as in `best`.
+            if pass > 0 && total < fastest.0 {
+                fastest = (total, groups);
+            }
+        }
+        let cell = |ms: f64, flop: f64| format!("{ms:.1} ({:.2})", flop / ms / 1e9);
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            level.name(),
+            cell(fastest.0, flop),
+            cell(fastest.1[0], group_flop[0]),
+            cell(fastest.1[1], group_flop[1]),
+            cell(fastest.1[2], group_flop[2]),
+        );
     }
     Ok(())
 }

@@ -239,13 +239,13 @@ impl PackedBf16 {
         if m == 0 || n == 0 {
             return out;
         }
+        let out_ptr = SendPtr(out.as_mut_ptr());
         #[cfg(target_arch = "x86_64")]
         if level == Level::Amx {
-            self.matmul_amx(x, m, bias, &mut out);
+            self.matmul_amx(x, m, bias, out_ptr);
             return out;
         }
         let a = pack_rows(x, m, k, kp);
-        let out_ptr = SendPtr(out.as_mut_ptr());
         let (row_blocks, nc, col_blocks) = split(m, MC, n);
         (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
             let (ib, jb) = (t / col_blocks, t % col_blocks);
@@ -253,7 +253,7 @@ impl PackedBf16 {
             let (rows, cols) = (MC.min(m - i0), nc.min(n - j0));
             let panels = cols.div_ceil(NR);
             let ldc = panels * NR;
-            let mut c = vec![0f32; rows * ldc];
+            let mut c = LineAligned::<f32>::zeroed(rows * ldc);
             for p0 in (0..kp).step_by(KC) {
                 let kc = KC.min(kp - p0);
                 for pj in 0..panels {
@@ -274,64 +274,90 @@ impl PackedBf16 {
     }
 
     /// [`Self::matmul_into`] on AMX tiles. `x` is copied into whole tiles first (rows padded to 16, pairs to
-    /// [`amx::PAIRS`], both with zeros), so every tile load is a full one straight from memory; each task then
-    /// runs 32 × 32 (or, for a last odd block of 16 rows, 16 × 32) output blocks through K in blocks of
-    /// [`KC`] pairs, the f32 sums held in tiles within a K block and in the task's buffer between them.
+    /// [`amx::PAIRS`], both with zeros; each tile's 1 KiB contiguous and cache-line aligned), so every tile load
+    /// is a full one straight from memory; each task then runs 32 × 32 (or, for a last odd block of 16 rows,
+    /// 16 × 32) output blocks through K in blocks of [`KC`] pairs, the f32 sums held in tiles within a K block
+    /// and in the task's (aligned) buffer between them.
     /// Every output is one chain over the pairs in order, tile by tile, whatever `m` is: rows stay
     /// independent of each other, as on the other levels.
     #[cfg(target_arch = "x86_64")]
-    fn matmul_amx<T: Out>(&self, x: &[bf16], m: usize, bias: Option<&[f32]>, out: &mut [T]) {
+    fn matmul_amx<T: Out>(&self, x: &[bf16], m: usize, bias: Option<&[f32]>, out_ptr: SendPtr<T>) {
         let (n, k, kps) = (self.n, self.k, self.kps);
         let a = amx::pack_rows(x, m, k, kps);
         let mp = m.next_multiple_of(amx::ROWS);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let (row_blocks, nc, col_blocks) = if mp <= 2 * amx::ROWS {
+        let (row_blocks, mc, nc, col_blocks) = if mp <= 2 * amx::ROWS {
             // Few rows (decode): the call is one stream over the weight, so tasks are cut by weight bytes
             // (about `amx::TASK_BYTES` of panels each) rather than into a few per thread: the last task of a call
             // otherwise leaves the other core idle while it streams several MiB (a 704 KiB panel of `down_proj`
             // times eight), at every one of the ~250 calls of a real-config step.
             let panels = (amx::TASK_BYTES / (kps * NR * 4)).clamp(1, NC_MAX / NR);
             let nc = panels * NR;
-            (1, nc, n.div_ceil(nc))
+            (1, mp, nc, n.div_ceil(nc))
         } else {
-            split(mp, amx::MC, n)
+            // As few row blocks as [`amx::MC_MAX`] allows, of equal size: each row block streams the whole
+            // weight from memory again, and a prefill's weights (6 GB at the real config) do not stay cached
+            // between row blocks.
+            let mc = mp
+                .div_ceil(mp.div_ceil(amx::MC_MAX))
+                .next_multiple_of(2 * amx::ROWS);
+            let (row_blocks, nc, col_blocks) = split(mp, mc, n);
+            (row_blocks, mc, nc, col_blocks)
         };
         (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
             let (ib, jb) = (t / col_blocks, t % col_blocks);
-            let (i0, j0) = (ib * amx::MC, jb * nc);
+            let (i0, j0) = (ib * mc, jb * nc);
             // Padded rows of this task (a multiple of 16) and the real ones among them.
-            let (rows_p, cols) = (amx::MC.min(mp - i0), nc.min(n - j0));
+            let (rows_p, cols) = (mc.min(mp - i0), nc.min(n - j0));
             let rows = rows_p.min(m - i0);
             let panels = cols.div_ceil(NR);
             let ldc = panels * NR;
-            let mut c = vec![0f32; rows_p * ldc];
             let _tiles = amx::Tiles::configure();
-            // Few rows (decode): the weight streams from memory once, so each panel is read front to back
-            // in one go (one long sequential run per panel, which the prefetchers follow), the sums staying in
-            // tiles throughout. More rows: K blocks outermost, so a block of `x` and of each panel stay cached
-            // while they are reused.
-            let kc_max = if rows_p <= 2 * amx::ROWS { kps } else { KC };
-            for p0 in (0..kps).step_by(kc_max) {
-                let kc = kc_max.min(kps - p0);
-                for pj in 0..panels {
-                    let b = &self.data[((j0 / NR + pj) * kps + p0) * NR..][..kc * NR];
-                    for r0 in (0..rows_p).step_by(2 * amx::ROWS) {
-                        let two = rows_p - r0 >= 2 * amx::ROWS;
-                        let ablk = &a[(i0 + r0) * kps + p0..];
-                        let cblk = &mut c[r0 * ldc + pj * NR..];
-                        let block = if two {
-                            amx::block::<2>
-                        } else {
-                            amx::block::<1>
-                        };
-                        // SAFETY: tiles are configured on this thread; `ablk` holds 16 (32 when `two`) rows of
-                        // `kps` words from pair `p0`, `b` `kc` pairs of a panel, `cblk` as many rows of `ldc`.
-                        unsafe { block(ablk.as_ptr(), kps, b.as_ptr(), kc, cblk.as_mut_ptr(), ldc) }
+            // The task's f32 sums: this thread's buffer from earlier tasks, its stale values never read (the
+            // first K block starts the sums from zero tiles); a fresh zeroed one per task was a pass over
+            // megabytes per prefill call.
+            amx::SUMS.with_borrow_mut(|c| {
+                if c.len() < rows_p * ldc {
+                    *c = LineAligned::zeroed(rows_p * ldc);
+                }
+                // Few rows (decode): the weight streams from memory once, so each panel is read front to
+                // back in one go (one long sequential run per panel, which the prefetchers follow), the sums
+                // staying in tiles throughout. More rows: K blocks outermost, so a block of `x` and of each
+                // panel stay cached while they are reused.
+                let kc_max = if rows_p <= 2 * amx::ROWS { kps } else { KC };
+                for p0 in (0..kps).step_by(kc_max) {
+                    let kc = kc_max.min(kps - p0);
+                    for pj in 0..panels {
+                        let b = &self.data[((j0 / NR + pj) * kps + p0) * NR..][..kc * NR];
+                        for r0 in (0..rows_p).step_by(2 * amx::ROWS) {
+                            let two = rows_p - r0 >= 2 * amx::ROWS;
+                            let ablk = &a[(i0 + r0) * kps + p0 * amx::ROWS..];
+                            let cblk = &mut c[r0 * ldc + pj * NR..];
+                            let block = if two {
+                                amx::block::<2>
+                            } else {
+                                amx::block::<1>
+                            };
+                            // SAFETY: tiles are configured on this thread; `ablk` starts at the tile of rows
+                            // `i0 + r0` and pair `p0` (`kc` pairs of tiles follow, and the next 16 rows' `16 · kps`
+                            // words on when `two`), `b` holds `kc` pairs of a panel, `cblk` as many rows of `ldc`.
+                            let (lower, fresh) = (amx::ROWS * kps, p0 == 0);
+                            unsafe {
+                                block(
+                                    ablk.as_ptr(),
+                                    lower,
+                                    b.as_ptr(),
+                                    kc,
+                                    cblk.as_mut_ptr(),
+                                    ldc,
+                                    fresh,
+                                )
+                            }
+                        }
                     }
                 }
-            }
-            // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`.
-            unsafe { store_block(out_ptr, n, (i0, rows), (j0, cols), &c, ldc, bias) };
+                // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`.
+                unsafe { store_block(out_ptr, n, (i0, rows), (j0, cols), c, ldc, bias) };
+            });
         });
     }
 }
@@ -397,6 +423,83 @@ impl Out for f32 {
                 .for_each(|(d, (s, b))| *d = s + b),
             None => dst.copy_from_slice(src),
         }
+    }
+}
+
+/// A buffer of 4-byte values (`u32` or `f32`) that starts on a cache line. Every AMX tile row is 64
+/// bytes, so a tile load from a buffer that does not (malloc's 16-byte alignment) reads each row across two
+/// lines, and such a load cost 24 ns against 3.2 ns aligned on this VM: with the packed rows of `x` and the f32
+/// sums misaligned, four tile loads per four `tdpbf16ps` held a core at 0.8 TFLOP/s instead of 2.3. The weight
+/// panels were aligned all along ([`HugeBuf`]); the per-call buffers now are too.
+pub(crate) struct LineAligned<T: Copy> {
+    lines: Vec<Line<T>>,
+    len: usize,
+}
+
+/// 16 four-byte values: one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line<T: Copy>([T; 16]);
+
+impl<T: Copy + Default> LineAligned<T> {
+    pub(crate) fn zeroed(len: usize) -> Self {
+        const { assert!(size_of::<T>() == 4, "a line holds 16 four-byte values") };
+        Self {
+            lines: vec![Line([T::default(); 16]); len.div_ceil(16)],
+            len,
+        }
+    }
+}
+
+impl<T: Copy + Default + Send + Sync> LineAligned<T> {
+    /// `blocks · lines_per_block` lines of 16 values, each block's lines zeros then `fill(block, lines)`, blocks
+    /// in parallel on the rayon pool; each value is written once (no zeroing pass over the buffer first).
+    pub(crate) fn from_line_blocks(
+        blocks: usize,
+        lines_per_block: usize,
+        fill: impl Fn(usize, &mut [[T; 16]]) + Sync,
+    ) -> Self {
+        const { assert!(size_of::<T>() == 4, "a line holds 16 four-byte values") };
+        let lines = blocks * lines_per_block;
+        let mut v: Vec<Line<T>> = Vec::with_capacity(lines);
+        if lines > 0 {
+            v.spare_capacity_mut()
+                .par_chunks_mut(lines_per_block)
+                .enumerate()
+                .for_each(|(blk, slots)| {
+                    for slot in slots.iter_mut() {
+                        slot.write(Line([T::default(); 16]));
+                    }
+                    // SAFETY: every slot of this block was initialised just above; `Line<T>` is `repr(C)`
+                    // over `[T; 16]`.
+                    let block: &mut [[T; 16]] = unsafe {
+                        std::slice::from_raw_parts_mut(slots.as_mut_ptr().cast(), slots.len())
+                    };
+                    fill(blk, block);
+                });
+        }
+        // SAFETY: all `lines` slots of the spare capacity were written above.
+        unsafe { v.set_len(lines) };
+        Self {
+            lines: v,
+            len: lines * 16,
+        }
+    }
+}
+
+impl<T: Copy> std::ops::Deref for LineAligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `Line<T>` is `repr(C)` over `[T; 16]` of 64 bytes (asserted in `zeroed`) with 64-byte
+        // alignment, so the lines are `16 · lines.len() ≥ len` contiguous initialised values.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+}
+
+impl<T: Copy> std::ops::DerefMut for LineAligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
     }
 }
 
@@ -502,8 +605,12 @@ mod amx {
     pub const PAIRS: usize = 16;
     /// Rows per tile.
     pub const ROWS: usize = 16;
-    /// Rows per task: a task's `MC × KC` slice of `x` (128 KiB) stays in L2 while its panels pass.
-    pub const MC: usize = 128;
+    /// Most rows per task. A task's `MC_MAX × KC` slice of `x` (512 KiB) and its f32 sums (512 KiB at 256
+    /// columns) stay in L2 (2 MiB per core here) while its panels pass; so a prefill of up to 512 tokens reads
+    /// each weight from memory once. 128 rows, as before, read it four times at a 640×480 frame's 441 tokens:
+    /// on `rexbench-gemm --prefill-sweep` the least disturbed passes took 189–200 ms at 448 rows against 234–260
+    /// ms at 128 (the medians moved 1.5× between passes of one setting on this shared VM).
+    pub const MC_MAX: usize = 512;
     /// Weight bytes per task for few rows (decode), where a call streams its weight once.
     pub const TASK_BYTES: usize = 512 << 10;
 
@@ -542,30 +649,53 @@ mod amx {
 
     #[cfg(target_arch = "x86_64")]
     mod tiles {
-        use super::super::{pair, NR};
+        use super::super::{pair, LineAligned, NR};
         use super::{PAIRS, ROWS};
         use half::bf16;
-        use rayon::prelude::*;
         use std::arch::asm;
 
-        /// `x [m, k]` as `[m rounded up to 16][kps]` words (feature pairs), zeros past `m` rows and `k`
-        /// features: whole A tiles, read straight from here at a stride of `kps` words.
-        pub fn pack_rows(x: &[bf16], m: usize, k: usize, kps: usize) -> Vec<u32> {
-            let mut a = vec![0u32; m.next_multiple_of(ROWS) * kps];
-            a.par_chunks_mut(ROWS * kps)
-                .enumerate()
-                .for_each(|(blk, out)| {
+        /// `x [m, k]` as whole A tiles, zeros past `m` rows and `k` features: for each block of 16 rows, its
+        /// `kps / 16` tiles of 16 rows × 16 feature pairs, each tile's 1 KiB contiguous (row `r`, pair `p` at word
+        /// `(r / 16) · 16 · kps + (p / 16) · 256 + (r % 16) · 16 + p % 16`). So a tile load reads 16 consecutive
+        /// lines, which L1 holds side by side; with one row of `x` after another (a stride of `kps` words, 4 KiB for
+        /// the decoder's 2048 features) a tile's 16 lines all map to one L1 set, which has 12 ways.
+        pub fn pack_rows(x: &[bf16], m: usize, k: usize, kps: usize) -> LineAligned<u32> {
+            let (tiles, kp) = (kps / PAIRS, k.div_ceil(2));
+            // One block of 16 rows per `fill` call: its `tiles` tiles of 16 lines, every line written once,
+            // padding included.
+            LineAligned::from_line_blocks(
+                m.next_multiple_of(ROWS) / ROWS,
+                tiles * ROWS,
+                |blk, lines| {
                     for r in 0..ROWS.min(m.saturating_sub(blk * ROWS)) {
-                        let row = &x[(blk * ROWS + r) * k..][..k];
-                        for (p, word) in out[r * kps..][..k.div_ceil(2)].iter_mut().enumerate() {
-                            *word = pair(
-                                row[2 * p],
-                                row.get(2 * p + 1).copied().unwrap_or(bf16::ZERO),
-                            );
+                        let x = &x[(blk * ROWS + r) * k..][..k];
+                        for (t, p0) in (0..kp).step_by(PAIRS).enumerate() {
+                            let line = &mut lines[t * ROWS + r];
+                            if 2 * (p0 + PAIRS) <= k {
+                                let src = &x[2 * p0..][..2 * PAIRS];
+                                for (j, word) in line.iter_mut().enumerate() {
+                                    *word = pair(src[2 * j], src[2 * j + 1]);
+                                }
+                            } else {
+                                for (j, word) in line.iter_mut().enumerate().take(kp - p0) {
+                                    let p = p0 + j;
+                                    *word = pair(
+                                        x[2 * p],
+                                        x.get(2 * p + 1).copied().unwrap_or(bf16::ZERO),
+                                    );
+                                }
+                            }
                         }
                     }
-                });
-            a
+                },
+            )
+        }
+
+        thread_local! {
+            /// The f32 sums of this thread's tasks ([`super::super::PackedBf16::matmul_amx`]), kept between
+            /// calls: at most `MC_MAX` rows × `NC_MAX` columns, 512 KiB.
+            pub static SUMS: std::cell::RefCell<LineAligned<f32>> =
+                std::cell::RefCell::new(LineAligned::zeroed(0));
         }
 
         /// `ldtilecfg`'s 64-byte operand: palette 1, all eight tiles 16 rows of 64 bytes.
@@ -645,35 +775,50 @@ mod amx {
         /// tmm6–7. Each tile instruction adds its 16 pairs to the sums in order, so an output's chain runs
         /// over the pairs in order, the same for every row.
         ///
-        /// SAFETY: tiles configured on this thread ([`Tiles`]); `a` holds `16·A` rows of `lda ≥ kc` words,
-        /// `b` `kc` pairs of a panel (rows of [`NR`] words), `c` `16·A` rows of `ldc ≥ 32` floats.
+        /// `a` is in [`pack_rows`]' layout: the tiles of rows 0–15 one after another from `a`, those of rows
+        /// 16–31 from `a + lower`. `fresh`: the sums start from zero instead of `c` (the first K block; `c`'s
+        /// values are then never read).
+        ///
+        /// SAFETY: tiles configured on this thread ([`Tiles`]); `a` (and `a + lower` when `A` = 2) hold `kc / 16`
+        /// tiles, `b` `kc` pairs of a panel (rows of [`NR`] words), `c` `16·A` rows of `ldc ≥ 32` floats.
         pub unsafe fn block<const A: usize>(
             a: *const u32,
-            lda: usize,
+            lower: usize,
             b: *const u32,
             kc: usize,
             c: *mut f32,
             ldc: usize,
+            fresh: bool,
         ) {
             debug_assert!(A == 1 || A == 2);
             debug_assert!(kc % PAIRS == 0);
-            let (sa, sb, sc) = (lda * 4, NR * 4, ldc * 4);
+            let (sa, sb, sc) = (PAIRS * 4, NR * 4, ldc * 4);
             let c_lower = c.wrapping_add(ROWS * ldc);
-            asm!(
-                "tileloadd tmm0, [{c0} + {sc}*1]",
-                "tileloadd tmm1, [{c1} + {sc}*1]",
-                c0 = in(reg) c, c1 = in(reg) c.add(16), sc = in(reg) sc, options(nostack, readonly)
-            );
-            if A == 2 {
+            if fresh {
                 asm!(
-                    "tileloadd tmm2, [{c0} + {sc}*1]",
-                    "tileloadd tmm3, [{c1} + {sc}*1]",
-                    c0 = in(reg) c_lower, c1 = in(reg) c_lower.add(16), sc = in(reg) sc,
-                    options(nostack, readonly)
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
                 );
+            } else {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {sc}*1]",
+                    "tileloadd tmm1, [{c1} + {sc}*1]",
+                    c0 = in(reg) c, c1 = in(reg) c.add(16), sc = in(reg) sc, options(nostack, readonly)
+                );
+                if A == 2 {
+                    asm!(
+                        "tileloadd tmm2, [{c0} + {sc}*1]",
+                        "tileloadd tmm3, [{c1} + {sc}*1]",
+                        c0 = in(reg) c_lower, c1 = in(reg) c_lower.add(16), sc = in(reg) sc,
+                        options(nostack, readonly)
+                    );
+                }
             }
             for q in 0..kc / PAIRS {
-                let (ap, bp) = (a.add(q * PAIRS), b.add(q * PAIRS * NR));
+                let (ap, bp) = (a.add(q * ROWS * PAIRS), b.add(q * PAIRS * NR));
                 if A == 2 {
                     asm!(
                         "tileloadd tmm4, [{a0} + {sa}*1]",
@@ -684,7 +829,7 @@ mod amx {
                         "tdpbf16ps tmm1, tmm4, tmm7",
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) ap, a1 = in(reg) ap.add(ROWS * lda), sa = in(reg) sa,
+                        a0 = in(reg) ap, a1 = in(reg) ap.add(lower), sa = in(reg) sa,
                         b0 = in(reg) bp, b1 = in(reg) bp.add(16), sb = in(reg) sb,
                         options(nostack, readonly)
                     );
@@ -835,6 +980,8 @@ mod tests {
             (13, 257, 33),
             (97, 515, 70),
             (25, 1001, 257),
+            // More rows than one AMX task takes (row blocks of 320 and 288 padded rows) and three K blocks.
+            (600, 1100, 70),
         ];
         for level in Level::available() {
             for &(m, k, n) in &shapes {
@@ -878,6 +1025,25 @@ mod tests {
             let five = packed.matmul_f32_on(level, &x[35 * k..], 5);
             assert_eq!(&all[35 * n..], &five[..], "{level:?} rows 35..40");
             for i in [0, 11, 12, 39] {
+                let one = packed.matmul_f32_on(level, &x[i * k..(i + 1) * k], 1);
+                assert_eq!(
+                    all[i * n..(i + 1) * n]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{level:?} row {i}"
+                );
+            }
+        }
+        // A row count beyond one AMX task (row blocks of 384, 384 and 320 padded rows here) and several K
+        // blocks: rows in each block equal the same rows alone.
+        let (m, k) = (1077, 1100);
+        let x = values(m * k, 9);
+        let packed = PackedBf16::pack(&values(n * k, 10), n, k);
+        for level in Level::available() {
+            let all = packed.matmul_f32_on(level, &x, m);
+            for i in [0, 383, 384, 767, 768, 1076] {
                 let one = packed.matmul_f32_on(level, &x[i * k..(i + 1) * k], 1);
                 assert_eq!(
                     all[i * n..(i + 1) * n]
