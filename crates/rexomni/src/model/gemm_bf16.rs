@@ -320,10 +320,13 @@ impl PackedBf16 {
                     *c = LineAligned::zeroed(rows_p * ldc);
                 }
                 // Few rows (decode): the weight streams from memory once, so each panel is read front to
-                // back in one go (one long sequential run per panel, which the prefetchers follow), the sums
-                // staying in tiles throughout. More rows: K blocks outermost, so a block of `x` and of each
-                // panel stay cached while they are reused.
-                let kc_max = if rows_p <= 2 * amx::ROWS { kps } else { KC };
+                // back in one go (one long sequential run per panel), the sums staying in tiles throughout,
+                // and its lines are asked for 4 KiB ahead (prefetch.rs): a tile load waits for all 32 lines
+                // of its two tiles at once, and without the hint a real-config decode step took 1.2–1.8×
+                // as long in place. More rows: K blocks outermost, so a block of `x` and of each panel stay
+                // cached while they are reused.
+                let stream = rows_p <= 2 * amx::ROWS;
+                let kc_max = if stream { kps } else { KC };
                 for p0 in (0..kps).step_by(kc_max) {
                     let kc = kc_max.min(kps - p0);
                     for pj in 0..panels {
@@ -341,6 +344,7 @@ impl PackedBf16 {
                             // `i0 + r0` and pair `p0` (`kc` pairs of tiles follow, and the next 16 rows' `16 · kps`
                             // words on when `two`), `b` holds `kc` pairs of a panel, `cblk` as many rows of `ldc`.
                             let (lower, fresh) = (amx::ROWS * kps, p0 == 0);
+                            let prefetch_b = stream;
                             unsafe {
                                 block(
                                     ablk.as_ptr(),
@@ -350,6 +354,7 @@ impl PackedBf16 {
                                     cblk.as_mut_ptr(),
                                     ldc,
                                     fresh,
+                                    prefetch_b,
                                 )
                             }
                         }
@@ -649,6 +654,7 @@ mod amx {
 
     #[cfg(target_arch = "x86_64")]
     mod tiles {
+        use super::super::super::prefetch;
         use super::super::{pair, LineAligned, NR};
         use super::{PAIRS, ROWS};
         use half::bf16;
@@ -777,7 +783,8 @@ mod amx {
         ///
         /// `a` is in [`pack_rows`]' layout: the tiles of rows 0–15 one after another from `a`, those of rows
         /// 16–31 from `a + lower`. `fresh`: the sums start from zero instead of `c` (the first K block; `c`'s
-        /// values are then never read).
+        /// values are then never read). `prefetch_b`: ask for the weight's lines [`prefetch::AHEAD_BYTES`]
+        /// ahead of each step's (a weight streamed once, from memory).
         ///
         /// SAFETY: tiles configured on this thread ([`Tiles`]); `a` (and `a + lower` when `A` = 2) hold `kc / 16`
         /// tiles, `b` `kc` pairs of a panel (rows of [`NR`] words), `c` `16·A` rows of `ldc ≥ 32` floats.
@@ -789,6 +796,7 @@ mod amx {
             c: *mut f32,
             ldc: usize,
             fresh: bool,
+            prefetch_b: bool,
         ) {
             debug_assert!(A == 1 || A == 2);
             debug_assert!(kc % PAIRS == 0);
@@ -819,6 +827,9 @@ mod amx {
             }
             for q in 0..kc / PAIRS {
                 let (ap, bp) = (a.add(q * ROWS * PAIRS), b.add(q * PAIRS * NR));
+                if prefetch_b {
+                    prefetch::lines_ahead(bp.cast(), PAIRS * NR * 4);
+                }
                 if A == 2 {
                     asm!(
                         "tileloadd tmm4, [{a0} + {sa}*1]",
