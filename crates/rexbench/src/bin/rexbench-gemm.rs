@@ -433,14 +433,19 @@ fn decode_step_layers() -> Vec<(usize, usize)> {
     layers
 }
 
-/// [`q8_sweep`]'s decode step with the packed bf16 weights (1.24 GB), at one and four rows, on every level.
-fn bf16_sweep(budget: Duration) -> anyhow::Result<()> {
-    let layers = decode_step_layers();
-    let ws: Vec<PackedBf16> = layers
+/// Each `(k, n)` layer a packed weight of its own random values (seeded by its index).
+fn pack_random(layers: &[(usize, usize)]) -> Vec<PackedBf16> {
+    layers
         .iter()
         .enumerate()
         .map(|(i, &(k, n))| PackedBf16::pack(&values(n * k, 3 + i as u64), n, k))
-        .collect();
+        .collect()
+}
+
+/// [`q8_sweep`]'s decode step with the packed bf16 weights (1.24 GB), at one and four rows, on every level.
+fn bf16_sweep(budget: Duration) -> anyhow::Result<()> {
+    let layers = decode_step_layers();
+    let ws = pack_random(&layers);
     let bytes: usize = ws.iter().map(|w| w.packed_bytes()).sum();
     let levels: Vec<Level> = Level::available()
         .into_iter()
@@ -489,11 +494,7 @@ fn prefill_sweep(budget: Duration) -> anyhow::Result<()> {
     const ROWS: usize = 441;
     let mut layers = decode_step_layers();
     layers.pop();
-    let ws: Vec<PackedBf16> = layers
-        .iter()
-        .enumerate()
-        .map(|(i, &(k, n))| PackedBf16::pack(&values(n * k, 3 + i as u64), n, k))
-        .collect();
+    let ws = pack_random(&layers);
     let bytes: usize = ws.iter().map(|w| w.packed_bytes()).sum();
     let flop: f64 = layers
         .iter()

@@ -1028,6 +1028,19 @@ mod tests {
     /// against the same rows alone and in a 5-row call, on every level.
     #[test]
     fn a_rows_result_does_not_depend_on_the_other_rows() {
+        // Row `i` of `all` (the f32 sums of `x`'s `m` rows) against row `i` computed alone, bit for bit.
+        let alone = |level: Level, packed: &PackedBf16, x: &[bf16], all: &[f32], i: usize| {
+            let (k, n) = (packed.k(), packed.n());
+            let one = packed.matmul_f32_on(level, &x[i * k..(i + 1) * k], 1);
+            assert_eq!(
+                all[i * n..(i + 1) * n]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{level:?} row {i}"
+            );
+        };
         let (m, k, n) = (40, 777, 100);
         let (x, w) = (values(m * k, 7), values(n * k, 8));
         let packed = PackedBf16::pack(&w, n, k);
@@ -1036,15 +1049,7 @@ mod tests {
             let five = packed.matmul_f32_on(level, &x[35 * k..], 5);
             assert_eq!(&all[35 * n..], &five[..], "{level:?} rows 35..40");
             for i in [0, 11, 12, 39] {
-                let one = packed.matmul_f32_on(level, &x[i * k..(i + 1) * k], 1);
-                assert_eq!(
-                    all[i * n..(i + 1) * n]
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<_>>(),
-                    one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "{level:?} row {i}"
-                );
+                alone(level, &packed, &x, &all, i);
             }
         }
         // A row count beyond one AMX task (row blocks of 384, 384 and 320 padded rows here) and several K
@@ -1055,15 +1060,7 @@ mod tests {
         for level in Level::available() {
             let all = packed.matmul_f32_on(level, &x, m);
             for i in [0, 383, 384, 767, 768, 1076] {
-                let one = packed.matmul_f32_on(level, &x[i * k..(i + 1) * k], 1);
-                assert_eq!(
-                    all[i * n..(i + 1) * n]
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<_>>(),
-                    one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "{level:?} row {i}"
-                );
+                alone(level, &packed, &x, &all, i);
             }
         }
     }
