@@ -458,7 +458,8 @@ impl<T: Copy + Default> LineAligned<T> {
 
 impl<T: Copy + Default + Send + Sync> LineAligned<T> {
     /// `blocks · lines_per_block` lines of 16 values, each block's lines zeros then `fill(block, lines)`, blocks
-    /// in parallel on the rayon pool; each value is written once (no zeroing pass over the buffer first).
+    /// in parallel on the rayon pool: a block is zeroed just before its fill, while its lines are in cache, instead
+    /// of a zeroing pass over the whole buffer first.
     pub(crate) fn from_line_blocks(
         blocks: usize,
         lines_per_block: usize,
@@ -667,8 +668,8 @@ mod amx {
         /// the decoder's 2048 features) a tile's 16 lines all map to one L1 set, which has 12 ways.
         pub fn pack_rows(x: &[bf16], m: usize, k: usize, kps: usize) -> LineAligned<u32> {
             let (tiles, kp) = (kps / PAIRS, k.div_ceil(2));
-            // One block of 16 rows per `fill` call: its `tiles` tiles of 16 lines, every line written once,
-            // padding included.
+            // One block of 16 rows per `fill` call: its `tiles` tiles of 16 lines, zeroed just before (so the
+            // padding rows and pairs stay zero).
             LineAligned::from_line_blocks(
                 m.next_multiple_of(ROWS) / ROWS,
                 tiles * ROWS,
