@@ -12,6 +12,7 @@
 // serde_json::json! of a whole config.json nests deeper than the default limit.
 #![recursion_limit = "256"]
 
+mod batch_ab;
 mod continuous;
 mod decode_ab;
 mod drafts;
@@ -114,6 +115,17 @@ struct Args {
     /// process, this many rounds each, instead of the stage measurements; 0 = off.
     #[arg(long, default_value_t = 0)]
     vision_ab: usize,
+    /// Time vision + prefill of --batch-ab-frames same-size frames in one call each against as many
+    /// single-frame calls, alternating in one process, this many rounds each, instead of the stage
+    /// measurements; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    batch_ab: usize,
+    /// With --batch-ab: frames per batched call.
+    #[arg(long, default_value_t = 4)]
+    batch_ab_frames: usize,
+    /// With --batch-ab: AMX row caps (rows per GEMM task) to compare, taking turns within each round.
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    batch_ab_caps: Vec<usize>,
     /// Time --output-tokens greedy decode steps per --batches entry with the CPU work on rayon's pool (the
     /// default) and on the calling thread, alternating in one process, this many rounds each; 0 = off.
     #[arg(long, default_value_t = 0)]
@@ -225,6 +237,16 @@ fn main() -> anyhow::Result<()> {
     }
     if args.lockstep {
         return lockstep::serve(&model, &tokenizer, (w, h));
+    }
+    if args.batch_ab > 0 {
+        return batch_ab::run(
+            &model,
+            &tokenizer,
+            (w, h),
+            args.batch_ab_frames,
+            args.batch_ab,
+            &args.batch_ab_caps,
+        );
     }
     if args.vision_ab > 0 {
         return vision_ab::run(&model, (w, h), args.vision_ab);

@@ -7,7 +7,8 @@
 //! for rexomni's packed GEMM on each instruction-set level of this CPU only (AMX, AVX-512 BF16, AVX2+FMA),
 //! `--q8` for the Q8_0 table only, `--q8-sweep` for one decode step's Q8_0 weights against a plain read,
 //! `--bf16-sweep` for the same step's packed bf16 weights on each level, `--prefill-sweep` for a prefill's
-//! weights at 441 rows, cold).
+//! weights at 441 rows, cold, `--vision-sweep` for the vision tower's weights at one and four frames' rows under
+//! several AMX row caps).
 //! Out: one table on stdout, ms per call (the
 //! fastest of the repeats: the machine is shared, and the minimum is the least disturbed) and GFLOP/s
 //! (2·m·k·n). Runs on the main thread and the rayon pool (`RAYON_NUM_THREADS`).
@@ -105,6 +106,9 @@ fn main() -> anyhow::Result<()> {
     }
     if std::env::args().any(|a| a == "--prefill-sweep") {
         return prefill_sweep(Duration::from_millis(3000));
+    }
+    if std::env::args().any(|a| a == "--vision-sweep") {
+        return vision_sweep(6);
     }
     if std::env::args().any(|a| a == "--q8-sweep") {
         return q8_sweep(Duration::from_millis(2000));
@@ -553,6 +557,73 @@ fn prefill_sweep(budget: Duration) -> anyhow::Result<()> {
             cell(fastest.1[1], group_flop[1]),
             cell(fastest.1[2], group_flop[2]),
         );
+    }
+    Ok(())
+}
+
+/// The vision tower's linear layers (qkv, proj, gate, up, down) of 8 blocks at the real widths (315 MB of
+/// packed bf16, more than this VM's caches hold; the real tower has 32 blocks) at one 640×480 frame's 1564 rows
+/// and at four frames' 6256, under AMX row caps of 128, 256 and 512 rows per task: the caps take turns within
+/// each of `passes` passes, so they share the machine's state. Prints each cap's fastest and median pass.
+fn vision_sweep(passes: usize) -> anyhow::Result<()> {
+    use rexomni::model::gemm_bf16::set_amx_row_cap;
+    const CAPS: [usize; 3] = [128, 256, 512];
+    let mut layers = Vec::new();
+    for _ in 0..8 {
+        layers.extend([
+            (1280, 3840),
+            (1280, 1280),
+            (1280, 3420),
+            (1280, 3420),
+            (3420, 1280),
+        ]);
+    }
+    let ws = pack_random(&layers);
+    let bytes: usize = ws.iter().map(|w| w.packed_bytes()).sum();
+    println!(
+        "# The vision tower's linear layers, 8 blocks at the real widths ({:.0} MB of packed bf16), AMX, caps taking turns in {passes} passes; fastest / median pass ms (TFLOP/s of the fastest)",
+        bytes as f64 / 1e6
+    );
+    println!("| rows | cap 128 | cap 256 | cap 512 |");
+    println!("|---|---|---|---|");
+    for rows in [1564usize, 4 * 1564] {
+        let xs: Vec<Vec<bf16>> = [1280usize, 3420]
+            .iter()
+            .map(|&k| values(rows * k, 1))
+            .collect();
+        let flop: f64 = layers
+            .iter()
+            .map(|&(k, n)| 2.0 * (rows * k * n) as f64)
+            .sum();
+        let mut times = vec![Vec::new(); CAPS.len()];
+        // Pass 0 warms the code and the allocator and is not counted.
+        for pass in 0..=passes {
+            for (i, &cap) in CAPS.iter().enumerate() {
+                set_amx_row_cap(Some(cap));
+                let t = Instant::now();
+                for w in &ws {
+                    let x = &xs[usize::from(w.k() != 1280)];
+                    std::hint::black_box(w.matmul_on(Level::Amx, x, rows, None));
+                }
+                if pass > 0 {
+                    times[i].push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        set_amx_row_cap(None);
+        let cells: Vec<String> = times
+            .iter_mut()
+            .map(|v| {
+                v.sort_by(f64::total_cmp);
+                format!(
+                    "{:.0} / {:.0} ({:.2})",
+                    v[0],
+                    v[v.len() / 2],
+                    flop / v[0] / 1e9
+                )
+            })
+            .collect();
+        println!("| {rows} | {} |", cells.join(" | "));
     }
     Ok(())
 }

@@ -205,18 +205,26 @@ impl PackedBf16 {
 
     /// [`Self::matmul`] on a given level (tests and the micro-benchmark force each one).
     pub fn matmul_on(&self, level: Level, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<bf16> {
-        self.matmul_into(level, x, m, bias)
+        self.matmul_into(level, x, m, bias, self.n)
     }
 
     /// [`Self::matmul`] without the final rounding: the f32 sums plus bias (the lm_head's logits).
     pub fn matmul_f32(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
-        self.matmul_into(Level::best(), x, m, bias)
+        self.matmul_into(Level::best(), x, m, bias, self.n)
+    }
+
+    /// `x [m, k] · Wᵀ` for the first `cols` output features only (`cols ≤ n`), as f32 sums `[m, cols]`: each
+    /// the same bits as in a full call (every output is its own chain). The prefill attention's scores: a
+    /// block of positions sees a prefix of the keys.
+    pub fn matmul_f32_cols(&self, x: &[bf16], m: usize, cols: usize) -> Vec<f32> {
+        assert!(cols <= self.n, "{cols} columns of a weight with {}", self.n);
+        self.matmul_into(Level::best(), x, m, None, cols)
     }
 
     /// The f32 sums before the final rounding (tests compare them bit for bit).
     #[cfg(test)]
     fn matmul_f32_on(&self, level: Level, x: &[bf16], m: usize) -> Vec<f32> {
-        self.matmul_into(level, x, m, None)
+        self.matmul_into(level, x, m, None, self.n)
     }
 
     fn matmul_into<T: Out>(
@@ -225,8 +233,9 @@ impl PackedBf16 {
         x: &[bf16],
         m: usize,
         bias: Option<&[f32]>,
+        n: usize,
     ) -> Vec<T> {
-        let (n, k, kp, kps) = (self.n, self.k, self.kp, self.kps);
+        let (k, kp, kps) = (self.k, self.kp, self.kps);
         assert_eq!(x.len(), m * k, "x is {} values, not [{m}, {k}]", x.len());
         if let Some(b) = bias {
             assert_eq!(b.len(), n, "bias is {} values, not {n}", b.len());
@@ -242,7 +251,7 @@ impl PackedBf16 {
         let out_ptr = SendPtr(out.as_mut_ptr());
         #[cfg(target_arch = "x86_64")]
         if level == Level::Amx {
-            self.matmul_amx(x, m, bias, out_ptr);
+            self.matmul_amx(x, m, n, bias, out_ptr);
             return out;
         }
         let a = pack_rows(x, m, k, kp);
@@ -281,8 +290,15 @@ impl PackedBf16 {
     /// Every output is one chain over the pairs in order, tile by tile, whatever `m` is: rows stay
     /// independent of each other, as on the other levels.
     #[cfg(target_arch = "x86_64")]
-    fn matmul_amx<T: Out>(&self, x: &[bf16], m: usize, bias: Option<&[f32]>, out_ptr: SendPtr<T>) {
-        let (n, k, kps) = (self.n, self.k, self.kps);
+    fn matmul_amx<T: Out>(
+        &self,
+        x: &[bf16],
+        m: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+        out_ptr: SendPtr<T>,
+    ) {
+        let (k, kps) = (self.k, self.kps);
         let a = amx::pack_rows(x, m, k, kps);
         let mp = m.next_multiple_of(amx::ROWS);
         let (row_blocks, mc, nc, col_blocks) = if mp <= 2 * amx::ROWS {
@@ -297,8 +313,9 @@ impl PackedBf16 {
             // As few row blocks as [`amx::MC_MAX`] allows, of equal size: each row block streams the whole
             // weight from memory again, and a prefill's weights (6 GB at the real config) do not stay cached
             // between row blocks.
+            let cap = amx::row_cap();
             let mc = mp
-                .div_ceil(mp.div_ceil(amx::MC_MAX))
+                .div_ceil(mp.div_ceil(cap))
                 .next_multiple_of(2 * amx::ROWS);
             let (row_blocks, nc, col_blocks) = split(mp, mc, n);
             (row_blocks, mc, nc, col_blocks)
@@ -365,6 +382,13 @@ impl PackedBf16 {
             });
         });
     }
+}
+
+/// Sets the most rows per AMX task for the following calls (a multiple of 32, at least 32; `None`: the
+/// default [`amx::MC_MAX`]), only so that `rexbench-gemm --vision-sweep` can compare caps in one process.
+/// Results do not depend on it (every output is one chain over the pairs in order).
+pub fn set_amx_row_cap(rows: Option<usize>) {
+    amx::set_row_cap(rows.map_or(amx::MC_MAX, |r| r.max(32).next_multiple_of(32)));
 }
 
 /// How a call splits into tasks: `(row blocks, columns per block, column blocks)` for `m` rows in blocks of
@@ -617,6 +641,16 @@ mod amx {
     /// on `rexbench-gemm --prefill-sweep` the least disturbed passes took 189–200 ms at 448 rows against 234–260
     /// ms at 128 (the medians moved 1.5× between passes of one setting on this shared VM).
     pub const MC_MAX: usize = 512;
+    static ROW_CAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(MC_MAX);
+
+    /// The row cap in force ([`MC_MAX`] unless [`super::set_amx_row_cap`] changed it).
+    pub fn row_cap() -> usize {
+        ROW_CAP.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn set_row_cap(rows: usize) {
+        ROW_CAP.store(rows, std::sync::atomic::Ordering::Relaxed);
+    }
     /// Weight bytes per task for few rows (decode), where a call streams its weight once.
     pub const TASK_BYTES: usize = 512 << 10;
 
