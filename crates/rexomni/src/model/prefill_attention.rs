@@ -7,22 +7,25 @@
 //! Why: the general path (attention.rs) copied k and v once per query head (`repeat_kv`), widened everything
 //! to f32, ran candle's f32 GEMM over every column — the masked upper triangle too — and built a `[L, L]` mask
 //! sum and softmax through candle's strided loops: at 640×480 (441 tokens) about 45 % of a real-config prefill.
-//! Here each kv head's keys and values are widened once and shared by its query heads, and position `i` reads
-//! columns `0..=i` only.
+//! Here each kv head's keys are packed once as a bf16 GEMM weight (gemm_bf16.rs, one output column per key) and
+//! its values widened once, both shared by its query heads; a block of positions gets the scores of all the
+//! group's heads in one GEMM call over the keys it can see (on AMX tiles where the CPU has them), and position
+//! `i` softmaxes and sums columns `0..=i` only.
 //!
-//! Numerics, as the general path: f32 scores, softmax and weighted sum, the output rounded to bf16 once; the
-//! blocks are vision_cpu.rs's (every instruction set gives the same bits). A row's sums run over its own
-//! `i + 1` columns in a fixed order, so its bits depend on nothing else in the batch. They differ from the
-//! general path's in the last f32 bits (another summation order), which moves an output sitting on a bf16
-//! rounding boundary by one step. Prefill runs this same function in every decoding mode (plain, drafts,
-//! continuous), so the modes' ids stay identical to each other.
+//! Numerics, as the general path: f32 scores (exact bf16 products summed in f32, one chain over the head's
+//! feature pairs in order: gemm_bf16.rs), softmax and weighted sum in f32 (vision_cpu.rs's blocks), the output
+//! rounded to bf16 once. A row's sums run over its own columns in a fixed order, so its bits depend on nothing
+//! else in the batch or the block. They differ from the general path's in the last f32 bits (another summation
+//! order), which moves an output sitting on a bf16 rounding boundary by one step. Prefill runs this same
+//! function in every decoding mode (plain, drafts, continuous), so the modes' ids stay identical to each other.
 
 use candle_core::{Device, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use super::bf16_lanes::{all_bf16_cpu_4d, KernelSwitch};
-use super::vision_cpu::{Level, L, R};
+use super::gemm_bf16::PackedBf16;
+use super::vision_cpu::{Level, R};
 
 /// Positions per task: enough tasks for the pool at 100-token prompts, few enough that a task's scratch
 /// (`R` rows of scores) and its kv heads stay in L2.
@@ -58,22 +61,17 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let flat = |t: &Tensor| -> Result<Vec<bf16>> { t.contiguous()?.flatten_all()?.to_vec1() };
     let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
-    // Per (b, kv head): keys widened into vision_cpu's score layout `[block][d][L]` (zero past `l`), so the
-    // keys of columns `0..j` are a prefix; values as `[l][d]` f32.
-    let lp = l.div_ceil(L) * L;
-    let mut keys = vec![0f32; b * kv_heads * lp * d];
+    // Per (b, kv head): the keys packed as a GEMM weight (one output column per key), so a block of positions'
+    // scores for all the group's query heads is one call over a prefix of the keys; values as `[l][d]` f32.
+    let keys: Vec<PackedBf16> = (0..b * kv_heads)
+        .into_par_iter()
+        .map(|bg| PackedBf16::pack(&k[bg * l * d..][..l * d], l, d))
+        .collect();
     let mut values = vec![0f32; b * kv_heads * l * d];
-    keys.par_chunks_mut(lp * d)
-        .zip(values.par_chunks_mut(l * d))
-        .enumerate()
-        .for_each(|(bg, (kp, vf))| {
-            let (ks, vs) = (&k[bg * l * d..][..l * d], &v[bg * l * d..][..l * d]);
-            for (j, row) in ks.chunks_exact(d).enumerate() {
-                let (blk, lane) = (j / L, j % L);
-                for (c, x) in row.iter().enumerate() {
-                    kp[(blk * d + c) * L + lane] = x.to_f32();
-                }
-            }
+    values
+        .par_chunks_mut(l * d)
+        .zip(v.par_chunks(l * d))
+        .for_each(|(vf, vs)| {
             for (o, x) in vf.iter_mut().zip(vs) {
                 *o = x.to_f32();
             }
@@ -91,35 +89,34 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             let i0 = blk * POSITIONS;
             let n = POSITIONS.min(l - i0);
             let (mine, tail) = rest.split_at_mut(n * width);
-            tasks.push((bi, i0, mine));
+            tasks.push((bi, i0, n, mine));
             rest = tail;
         }
     }
-    tasks.into_par_iter().for_each(|(bi, i0, o)| {
-        let mut qf = vec![0f32; R * d];
-        let mut scores = vec![0f32; R * lp];
+    tasks.into_par_iter().for_each(|(bi, i0, np, o)| {
+        // The block's last position sees keys `0..seen`; earlier rows ignore their columns past their own.
+        let seen = i0 + np;
+        let mut qrows = vec![bf16::ZERO; np * rep * d];
         let mut acc = vec![0f32; R * d];
-        for (pi, orow) in o.chunks_exact_mut(width).enumerate() {
-            let i = i0 + pi;
-            let (cols, colsp) = (i + 1, (i + 1).div_ceil(L) * L);
-            for g in 0..kv_heads {
-                let bg = bi * kv_heads + g;
-                let kp = &keys[bg * lp * d..][..colsp * d];
-                let vf = &values[bg * l * d..][..cols * d];
+        for g in 0..kv_heads {
+            let bg = bi * kv_heads + g;
+            // Rows position-major: row `pi · rep + hr` is query head `g · rep + hr` at position `i0 + pi`.
+            for (r, dst) in qrows.chunks_exact_mut(d).enumerate() {
+                let (pi, hr) = (r / rep, r % rep);
+                let h = g * rep + hr;
+                dst.copy_from_slice(&q[((bi * heads + h) * l + i0 + pi) * d..][..d]);
+            }
+            let mut scores = keys[bg].matmul_f32_cols(&qrows, np * rep, seen);
+            let vf = &values[bg * l * d..][..l * d];
+            for (pi, orow) in o.chunks_exact_mut(width).enumerate() {
+                let cols = i0 + pi + 1;
                 for h0 in (0..rep).step_by(R) {
                     let n = R.min(rep - h0);
+                    let first = (pi * rep + h0) * seen;
                     for r in 0..n {
-                        let h = g * rep + h0 + r;
-                        let src = &q[((bi * heads + h) * l + i) * d..][..d];
-                        for (f, x) in qf[r * d..][..d].iter_mut().zip(src) {
-                            *f = x.to_f32();
-                        }
+                        level.softmax(&mut scores[first + r * seen..][..cols], scale);
                     }
-                    level.scores(n, &|r| &qf[r * d..][..d], kp, colsp, &mut scores);
-                    for r in 0..n {
-                        level.softmax(&mut scores[r * colsp..][..cols], scale);
-                    }
-                    level.weighted_sum(n, &scores, colsp, cols, vf, d, &mut acc);
+                    level.weighted_sum(n, &scores[first..], seen, cols, vf, d, &mut acc);
                     for r in 0..n {
                         let h = g * rep + h0 + r;
                         for (y, &a) in orow[h * d..][..d].iter_mut().zip(&acc[r * d..][..d]) {
@@ -221,6 +218,36 @@ mod tests {
             &v.narrow(0, 1, 1)?,
         )?;
         assert_eq!(bits(&row), bits(&all.narrow(0, 1, 1)?.contiguous()?));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::model::bf16_lanes::test_values::rand_bf16;
+
+    /// Not a check: prints ms per call at a real-config layer's shapes (640×480: 441 positions, 16 heads over
+    /// 2, d 128). `cargo test -p rexomni --lib prefill_attention::timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn real_layer_ms() -> Result<()> {
+        let (b, h, hkv, l, d) = (1, 16, 2, 441, 128);
+        let q = rand_bf16((b * h * l, d), 11, 2.0).reshape((b, h, l, d))?;
+        let k = rand_bf16((b * hkv * l, d), 12, 2.0).reshape((b, hkv, l, d))?;
+        let v = rand_bf16((b * hkv * l, d), 13, 1.0).reshape((b, hkv, l, d))?;
+        causal(&q, &k, &v)?;
+        let mut ms = Vec::new();
+        for _ in 0..30 {
+            let t = std::time::Instant::now();
+            causal(&q, &k, &v)?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        eprintln!(
+            "prefill attention {l} positions: fastest {:.2} ms, median {:.2} ms",
+            ms[0], ms[15]
+        );
         Ok(())
     }
 }
