@@ -196,6 +196,18 @@ vectorised! {
 }
 
 vectorised! {
+    /// Each f32 as two bf16 parts, `hi = bf16(v)` and `lo = bf16(v − hi)`, so that `hi + lo` is within 2⁻¹⁶ · |v|
+    /// of `v`: f32 operands for a bf16 GEMM (two calls, results added) at nearly f32 precision.
+    fn split_into(hi: &mut [bf16], lo: &mut [bf16], src: &[f32]) {
+        for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(src) {
+            let a = round_lane(v);
+            *h = a;
+            *l = round_lane(v - widen(a));
+        }
+    }
+}
+
+vectorised! {
     /// `out = bf16(bf16(silu(g)) · u)`, SiLU as `v / (1 + e^−v)` in f32.
     fn silu_mul_into(out: &mut [bf16], g: &[bf16], u: &[bf16]) {
         for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {

@@ -12,12 +12,15 @@
 //! Numerics (what transformers' bf16 forward does): RoPE in f32 with the same expression as candle's kernel,
 //! rounded to bf16 (HF's `apply_rotary_pos_emb_vision`); scores, softmax and weighted sum in f32, the output
 //! rounded once. The dot products here sum in a fixed order that differs from candle's f32 GEMM, so attention
-//! outputs may differ from the previous path in the last f32 bit before their bf16 rounding. f32 models never
-//! come here (the f32 path is unchanged).
+//! outputs may differ from the previous path in the last f32 bit before their bf16 rounding. A sequence of
+//! [`GEMM_KEYS`] or more (a full-attention block's image) gets its scores from the packed bf16 GEMM: the same
+//! exact products summed in f32, one chain per score over the head's feature pairs in order, so a row's bits
+//! still depend only on its own sequence. f32 models never come here (the f32 path is unchanged).
 
 use candle_core::{Device, Result, Tensor};
 
-use super::bf16_lanes::{exp_lane, with_bf16};
+use super::bf16_lanes::{exp_lane, split_into, with_bf16};
+use super::gemm_bf16::PackedBf16;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -25,6 +28,10 @@ use rayon::prelude::*;
 const QB: usize = 32;
 /// Score lanes computed together (one zmm of f32).
 pub(super) const L: usize = 16;
+/// Keys from which a sequence's scores run on the packed bf16 GEMM (gemm_bf16.rs; AMX tiles where the CPU has
+/// them) rather than the f32 FMA loop: the full-attention blocks' whole images (1564 keys at 640×480), not the
+/// 64-key windows, where packing the keys per head and window would cost more than it saves.
+const GEMM_KEYS: usize = 256;
 
 /// Attention of the vision blocks.
 ///
@@ -109,6 +116,37 @@ pub fn attention(
             });
     })?;
 
+    // Per head, each long sequence's keys (after RoPE: bf16 values, held exactly in `kp`'s f32) packed as a GEMM
+    // weight, one output column per key; and its values transposed, one output column per feature.
+    let packed: Vec<Vec<Option<(PackedBf16, PackedBf16)>>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            seqs.iter()
+                .zip(&koff)
+                .map(|(&(s, e), &off)| {
+                    let lk = e - s;
+                    (lk >= GEMM_KEYS).then(|| {
+                        let kb = &kp[h * kper + off..];
+                        let keys: Vec<bf16> = (0..lk * hd)
+                            .map(|i| {
+                                let (j, d) = (i / hd, i % hd);
+                                bf16::from_f32(kb[((j / L) * hd + d) * L + j % L])
+                            })
+                            .collect();
+                        let vs = &vh[(h * rows + s) * hd..][..lk * hd];
+                        let vt: Vec<bf16> = (0..hd * lk)
+                            .map(|i| bf16::from_f32(vs[(i % lk) * hd + i / lk]))
+                            .collect();
+                        (
+                            PackedBf16::pack(&keys, lk, hd),
+                            PackedBf16::pack(&vt, hd, lk),
+                        )
+                    })
+                })
+                .collect()
+        })
+        .collect();
+
     // Tasks: blocks of up to QB query rows inside one sequence, in row order, each owning its output rows.
     let mut out = vec![bf16::ZERO; rows * hidden];
     let mut tasks = Vec::new();
@@ -118,7 +156,7 @@ pub fn attention(
         while i < e {
             let m = QB.min(e - i);
             let (mine, tail) = rest.split_at_mut(m * hidden);
-            tasks.push((i, m, (s, e), koff[seq], mine));
+            tasks.push((i, m, seq, (s, e), koff[seq], mine));
             rest = tail;
             i += m;
         }
@@ -126,14 +164,45 @@ pub fn attention(
     let level = Level::best();
     tasks
         .into_par_iter()
-        .for_each(|(i0, m, (s, e), koff, out)| {
+        .for_each(|(i0, m, seq, (s, e), koff, out)| {
             let lk = e - s;
             let lkp = lk.div_ceil(L) * L;
             let mut scores = vec![0f32; R * lkp];
             let mut acc = vec![0f32; R * hd];
+            let (mut qrows, mut hi, mut lo) = (Vec::new(), Vec::new(), Vec::new());
             for h in 0..heads {
                 let kblocks = &kp[h * kper + koff..][..lkp * hd];
                 let vseq = &vh[(h * rows + s) * hd..(h * rows + e) * hd];
+                if let Some((keys, values)) = &packed[h][seq] {
+                    // All the task's rows at once: scores `[m, lk]` from one GEMM call, softmax per row, then
+                    // the weighted sum as two GEMM calls over the values: each probability split into bf16
+                    // parts `hi + lo` (within 2⁻¹⁶ of the f32 value), the two f32 results added.
+                    qrows.clear();
+                    for r in 0..m {
+                        let qr = &q[(i0 + r) * hidden + h * hd..][..hd];
+                        qrows.extend(qr.iter().map(|&x| bf16::from_f32(x)));
+                    }
+                    let mut all = keys.matmul_f32(&qrows, m, None);
+                    for row in all.chunks_exact_mut(lk) {
+                        level.softmax(row, scale);
+                    }
+                    hi.resize(m * lk, bf16::ZERO);
+                    lo.resize(m * lk, bf16::ZERO);
+                    split_into(&mut hi, &mut lo, &all);
+                    let (a, b) = (
+                        values.matmul_f32(&hi, m, None),
+                        values.matmul_f32(&lo, m, None),
+                    );
+                    for r in 0..m {
+                        let o = &mut out[r * hidden + h * hd..][..hd];
+                        for ((o, &a), &b) in
+                            o.iter_mut().zip(&a[r * hd..][..hd]).zip(&b[r * hd..][..hd])
+                        {
+                            *o = bf16::from_f32(a + b);
+                        }
+                    }
+                    continue;
+                }
                 let mut r0 = 0;
                 while r0 < m {
                     let g = R.min(m - r0);
@@ -573,10 +642,12 @@ mod tests {
     #[test]
     fn attention_matches_candle_path() -> Result<()> {
         // head_dim 80 (the real one: 2 × 16 lanes + 16 + the 4-row groups), 12 (tail lanes only); windows
-        // of 13 rows with a ragged last one, two images; and one sequence per image (full attention).
+        // of 13 rows with a ragged last one, two images; and one sequence per image (full attention), also
+        // long enough for the scores to run on the packed GEMM (`GEMM_KEYS`), with a ragged last task.
         for &(n, images, win, heads, hd) in &[
             (61, 2, 13, 3, 80),
             (61, 2, 61, 3, 80),
+            (300, 2, 300, 2, 80),
             (30, 1, 7, 2, 12),
             (45, 2, 45, 2, 12),
         ] {
