@@ -109,9 +109,8 @@ impl Level {
 pub struct PackedBf16 {
     n: usize,
     k: usize,
-    /// Feature pairs, `ceil(k / 2)`; an odd `k` pads the last pair with a zero.
-    kp: usize,
-    /// Pairs per panel as stored: `kp` rounded up to a whole AMX tile ([`amx::PAIRS`]), the padding zero, so
+    /// Pairs per panel as stored: `ceil(k / 2)` (an odd `k` pads the last pair with a zero) rounded up to a
+    /// whole AMX tile ([`amx::PAIRS`]), the padding zero, so
     /// a tile load never reads past a panel and the padded pairs add exact zeros.
     kps: usize,
     /// `ceil(n / NR)` panels of `kps × NR` words; columns past `n` are zero. In huge pages where Linux allows:
@@ -157,13 +156,7 @@ impl PackedBf16 {
                     }
                 }
             });
-        Self {
-            n,
-            k,
-            kp,
-            kps,
-            data,
-        }
+        Self { n, k, kps, data }
     }
 
     /// Output features.
@@ -205,12 +198,12 @@ impl PackedBf16 {
 
     /// [`Self::matmul`] on a given level (tests and the micro-benchmark force each one).
     pub fn matmul_on(&self, level: Level, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<bf16> {
-        self.matmul_into(level, x, m, bias, self.n)
+        self.matmul_into(level, x, m, bias, self.n, self.k)
     }
 
     /// [`Self::matmul`] without the final rounding: the f32 sums plus bias (the lm_head's logits).
     pub fn matmul_f32(&self, x: &[bf16], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
-        self.matmul_into(Level::best(), x, m, bias, self.n)
+        self.matmul_into(Level::best(), x, m, bias, self.n, self.k)
     }
 
     /// `x [m, k] · Wᵀ` for the first `cols` output features only (`cols ≤ n`), as f32 sums `[m, cols]`: each
@@ -218,13 +211,25 @@ impl PackedBf16 {
     /// block of positions sees a prefix of the keys.
     pub fn matmul_f32_cols(&self, x: &[bf16], m: usize, cols: usize) -> Vec<f32> {
         assert!(cols <= self.n, "{cols} columns of a weight with {}", self.n);
-        self.matmul_into(Level::best(), x, m, None, cols)
+        self.matmul_into(Level::best(), x, m, None, cols, self.k)
+    }
+
+    /// `x [m, k] · Wᵀ` over the weight's first `k ≤ self.k()` input features only, as f32 sums `[m, n]`: the
+    /// same bits as a full call with `x` padded by zeros (a zero pair adds exactly nothing to a chain). The
+    /// prefill attention's weighted sum: a block of positions sees a prefix of the values.
+    pub fn matmul_f32_within(&self, x: &[bf16], m: usize, k: usize) -> Vec<f32> {
+        assert!(
+            k <= self.k,
+            "{k} input features of a weight with {}",
+            self.k
+        );
+        self.matmul_into(Level::best(), x, m, None, self.n, k)
     }
 
     /// The f32 sums before the final rounding (tests compare them bit for bit).
     #[cfg(test)]
     fn matmul_f32_on(&self, level: Level, x: &[bf16], m: usize) -> Vec<f32> {
-        self.matmul_into(level, x, m, None, self.n)
+        self.matmul_into(level, x, m, None, self.n, self.k)
     }
 
     fn matmul_into<T: Out>(
@@ -234,8 +239,10 @@ impl PackedBf16 {
         m: usize,
         bias: Option<&[f32]>,
         n: usize,
+        k: usize,
     ) -> Vec<T> {
-        let (k, kp, kps) = (self.k, self.kp, self.kps);
+        // `kp` pairs of `x` (a prefix of the weight's when `k < self.k`); panels stay `self.kps` pairs apart.
+        let (kp, stride) = (k.div_ceil(2), self.kps);
         assert_eq!(x.len(), m * k, "x is {} values, not [{m}, {k}]", x.len());
         if let Some(b) = bias {
             assert_eq!(b.len(), n, "bias is {} values, not {n}", b.len());
@@ -251,7 +258,7 @@ impl PackedBf16 {
         let out_ptr = SendPtr(out.as_mut_ptr());
         #[cfg(target_arch = "x86_64")]
         if level == Level::Amx {
-            self.matmul_amx(x, m, n, bias, out_ptr);
+            self.matmul_amx(x, m, (n, k), bias, out_ptr);
             return out;
         }
         let a = pack_rows(x, m, k, kp);
@@ -266,7 +273,7 @@ impl PackedBf16 {
             for p0 in (0..kp).step_by(KC) {
                 let kc = KC.min(kp - p0);
                 for pj in 0..panels {
-                    let b = &self.data[((j0 / NR + pj) * kps + p0) * NR..][..kc * NR];
+                    let b = &self.data[((j0 / NR + pj) * stride + p0) * NR..][..kc * NR];
                     for r0 in (0..rows).step_by(MR) {
                         let rb = MR.min(rows - r0);
                         // Rows `i0 + r0 ..` sit in their MR block of `a` (MC is a multiple of MR).
@@ -294,11 +301,13 @@ impl PackedBf16 {
         &self,
         x: &[bf16],
         m: usize,
-        n: usize,
+        (n, k): (usize, usize),
         bias: Option<&[f32]>,
         out_ptr: SendPtr<T>,
     ) {
-        let (k, kps) = (self.k, self.kps);
+        // `kps` padded pairs of `x` (a prefix of the weight's when `k < self.k`); panels `self.kps` pairs apart.
+        let kps = k.div_ceil(2).next_multiple_of(amx::PAIRS).min(self.kps);
+        let stride = self.kps;
         let a = amx::pack_rows(x, m, k, kps);
         let mp = m.next_multiple_of(amx::ROWS);
         let (row_blocks, mc, nc, col_blocks) = if mp <= 2 * amx::ROWS {
@@ -347,7 +356,7 @@ impl PackedBf16 {
                 for p0 in (0..kps).step_by(kc_max) {
                     let kc = kc_max.min(kps - p0);
                     for pj in 0..panels {
-                        let b = &self.data[((j0 / NR + pj) * kps + p0) * NR..][..kc * NR];
+                        let b = &self.data[((j0 / NR + pj) * stride + p0) * NR..][..kc * NR];
                         for r0 in (0..rows_p).step_by(2 * amx::ROWS) {
                             let two = rows_p - r0 >= 2 * amx::ROWS;
                             let ablk = &a[(i0 + r0) * kps + p0 * amx::ROWS..];
@@ -1104,6 +1113,38 @@ mod tests {
     /// tile state), the AMX level is available: a regression in the permission request would otherwise
     /// silently fall back to AVX-512 BF16.
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn column_and_feature_prefixes_equal_the_full_call() {
+        // `matmul_f32_cols`: the full call's first columns; `matmul_f32_within`: the full call with `x` padded by
+        // zeros; bit for bit, at few rows (one stream) and many (K blocks), for prefixes inside a tile.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (k, n) = (301, 90);
+        let packed = PackedBf16::pack(&values(n * k, 21), n, k);
+        for m in [5, 128] {
+            let x = values(m * k, 22);
+            let full = packed.matmul_f32(&x, m, None);
+            for cols in [1, 33, 90] {
+                let part = packed.matmul_f32_cols(&x, m, cols);
+                let want: Vec<f32> = full.chunks(n).flat_map(|r| r[..cols].to_vec()).collect();
+                assert_eq!(bits(&part), bits(&want), "m {m}, {cols} columns");
+            }
+            for kk in [1, 40, 161, 300] {
+                let short: Vec<bf16> = x.chunks(k).flat_map(|r| r[..kk].to_vec()).collect();
+                let padded: Vec<bf16> = x
+                    .chunks(k)
+                    .flat_map(|r| {
+                        let mut r = r[..kk].to_vec();
+                        r.resize(k, bf16::ZERO);
+                        r
+                    })
+                    .collect();
+                let part = packed.matmul_f32_within(&short, m, kk);
+                let want = packed.matmul_f32(&padded, m, None);
+                assert_eq!(bits(&part), bits(&want), "m {m}, {kk} features");
+            }
+        }
+    }
+
     #[test]
     fn amx_is_used_where_the_kernel_lists_it() {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("read /proc/cpuinfo");

@@ -7,28 +7,31 @@
 //! Why: the general path (attention.rs) copied k and v once per query head (`repeat_kv`), widened everything
 //! to f32, ran candle's f32 GEMM over every column — the masked upper triangle too — and built a `[L, L]` mask
 //! sum and softmax through candle's strided loops: at 640×480 (441 tokens) about 45 % of a real-config prefill.
-//! Here each kv head's keys are packed once as a bf16 GEMM weight (gemm_bf16.rs, one output column per key) and
-//! its values widened once, both shared by its query heads; a block of positions gets the scores of all the
-//! group's heads in one GEMM call over the keys it can see (on AMX tiles where the CPU has them), and position
-//! `i` softmaxes and sums columns `0..=i` only.
+//! Here each kv head's keys and its values (transposed) are packed once as bf16 GEMM weights (gemm_bf16.rs: one
+//! output column per key; one per feature, the positions as inputs), shared by its query heads; a block of
+//! positions gets the scores of all the group's heads in one GEMM call over the keys it can see and their
+//! weighted sums in two more over those positions' values (on AMX tiles where the CPU has them), and position `i`
+//! softmaxes columns `0..=i` only.
 //!
 //! Numerics, as the general path: f32 scores (exact bf16 products summed in f32, one chain over the head's
-//! feature pairs in order: gemm_bf16.rs), softmax and weighted sum in f32 (vision_cpu.rs's blocks), the output
-//! rounded to bf16 once. A row's sums run over its own columns in a fixed order, so its bits depend on nothing
-//! else in the batch or the block. They differ from the general path's in the last f32 bits (another summation
-//! order), which moves an output sitting on a bf16 rounding boundary by one step. Prefill runs this same
-//! function in every decoding mode (plain, drafts, continuous), so the modes' ids stay identical to each other.
+//! feature pairs in order), softmax in f32 (vision_cpu.rs's block), the weighted sum in f32 with each probability
+//! split into two bf16 parts (`hi + lo`, within 2⁻¹⁶ of the f32 value; a row's zeros past its own columns add
+//! exactly nothing), the output rounded to bf16 once. A row's sums run over its own columns in a fixed order,
+//! so its bits depend on nothing else in the batch or the block. They differ from the general path's in the last
+//! f32 bits (another summation order, the split), which moves an output sitting on a bf16 rounding boundary by
+//! one step. Prefill runs this same function in every decoding mode (plain, drafts, continuous), so the modes'
+//! ids stay identical to each other.
 
 use candle_core::{Device, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::bf16_lanes::{all_bf16_cpu_4d, KernelSwitch};
+use super::bf16_lanes::{all_bf16_cpu_4d, split_into, KernelSwitch};
 use super::gemm_bf16::PackedBf16;
-use super::vision_cpu::{Level, R};
+use super::vision_cpu::Level;
 
-/// Positions per task: enough tasks for the pool at 100-token prompts, few enough that a task's scratch
-/// (`R` rows of scores) and its kv heads stay in L2.
+/// Positions per task: enough tasks for the pool at 100-token prompts, few enough that a task's scratch (its
+/// query heads' scores and probabilities, 16 × 8 rows of up to `L` columns) stays in L2.
 const POSITIONS: usize = 16;
 
 /// Off only for A/B measurements ([`set_enabled`]): the general path then runs the prefill.
@@ -67,15 +70,16 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         .into_par_iter()
         .map(|bg| PackedBf16::pack(&k[bg * l * d..][..l * d], l, d))
         .collect();
-    let mut values = vec![0f32; b * kv_heads * l * d];
-    values
-        .par_chunks_mut(l * d)
-        .zip(v.par_chunks(l * d))
-        .for_each(|(vf, vs)| {
-            for (o, x) in vf.iter_mut().zip(vs) {
-                *o = x.to_f32();
-            }
-        });
+    // And the values transposed (`[d, l]`: one output column per feature, the positions as its inputs), so the
+    // weighted sum of a block of positions is a GEMM call over the prefix of positions they see.
+    let values: Vec<PackedBf16> = (0..b * kv_heads)
+        .into_par_iter()
+        .map(|bg| {
+            let vs = &v[bg * l * d..][..l * d];
+            let vt: Vec<bf16> = (0..d * l).map(|i| vs[(i % l) * d + i / l]).collect();
+            PackedBf16::pack(&vt, d, l)
+        })
+        .collect();
 
     let level = Level::best();
     let width = heads * d;
@@ -97,7 +101,10 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         // The block's last position sees keys `0..seen`; earlier rows ignore their columns past their own.
         let seen = i0 + np;
         let mut qrows = vec![bf16::ZERO; np * rep * d];
-        let mut acc = vec![0f32; R * d];
+        let (mut hi, mut lo) = (
+            vec![bf16::ZERO; np * rep * seen],
+            vec![bf16::ZERO; np * rep * seen],
+        );
         for g in 0..kv_heads {
             let bg = bi * kv_heads + g;
             // Rows position-major: row `pi · rep + hr` is query head `g · rep + hr` at position `i0 + pi`.
@@ -106,23 +113,25 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                 let h = g * rep + hr;
                 dst.copy_from_slice(&q[((bi * heads + h) * l + i0 + pi) * d..][..d]);
             }
-            let mut scores = keys[bg].matmul_f32_cols(&qrows, np * rep, seen);
-            let vf = &values[bg * l * d..][..l * d];
-            for (pi, orow) in o.chunks_exact_mut(width).enumerate() {
-                let cols = i0 + pi + 1;
-                for h0 in (0..rep).step_by(R) {
-                    let n = R.min(rep - h0);
-                    let first = (pi * rep + h0) * seen;
-                    for r in 0..n {
-                        level.softmax(&mut scores[first + r * seen..][..cols], scale);
-                    }
-                    level.weighted_sum(n, &scores[first..], seen, cols, vf, d, &mut acc);
-                    for r in 0..n {
-                        let h = g * rep + h0 + r;
-                        for (y, &a) in orow[h * d..][..d].iter_mut().zip(&acc[r * d..][..d]) {
-                            *y = bf16::from_f32(a);
-                        }
-                    }
+            let rows = np * rep;
+            let mut p = keys[bg].matmul_f32_cols(&qrows, rows, seen);
+            for (r, row) in p.chunks_exact_mut(seen).enumerate() {
+                let cols = i0 + r / rep + 1;
+                level.softmax(&mut row[..cols], scale);
+                row[cols..].fill(0.0);
+            }
+            // The weighted sum: each probability as two bf16 parts (`hi + lo` within 2⁻¹⁶ of it), two GEMM calls
+            // over the values, the f32 results added; the zeros past a row's own columns add exactly nothing.
+            split_into(&mut hi, &mut lo, &p);
+            let (a, c) = (
+                values[bg].matmul_f32_within(&hi, rows, seen),
+                values[bg].matmul_f32_within(&lo, rows, seen),
+            );
+            for (r, (a, c)) in a.chunks_exact(d).zip(c.chunks_exact(d)).enumerate() {
+                let (pi, hr) = (r / rep, r % rep);
+                let y = &mut o[pi * width + (g * rep + hr) * d..][..d];
+                for ((y, &a), &c) in y.iter_mut().zip(a).zip(c) {
+                    *y = bf16::from_f32(a + c);
                 }
             }
         }
