@@ -65,7 +65,7 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let flat = |t: &Tensor| -> Result<Vec<bf16>> { t.contiguous()?.flatten_all()?.to_vec1() };
     let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
     // Per (b, kv head): the keys packed as a GEMM weight (one output column per key), so a block of positions'
-    // scores for all the group's query heads is one call over a prefix of the keys; values as `[l][d]` f32.
+    // scores for all the group's query heads is one call over a prefix of the keys.
     let keys: Vec<PackedBf16> = (0..b * kv_heads)
         .into_par_iter()
         .map(|bg| PackedBf16::pack(&k[bg * l * d..][..l * d], l, d))

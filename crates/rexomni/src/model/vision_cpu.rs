@@ -13,9 +13,11 @@
 //! rounded to bf16 (HF's `apply_rotary_pos_emb_vision`); scores, softmax and weighted sum in f32, the output
 //! rounded once. The dot products here sum in a fixed order that differs from candle's f32 GEMM, so attention
 //! outputs may differ from the previous path in the last f32 bit before their bf16 rounding. A sequence of
-//! [`GEMM_KEYS`] or more (a full-attention block's image) gets its scores from the packed bf16 GEMM: the same
-//! exact products summed in f32, one chain per score over the head's feature pairs in order, so a row's bits
-//! still depend only on its own sequence. f32 models never come here (the f32 path is unchanged).
+//! [`GEMM_KEYS`] or more (a full-attention block's image) runs on the packed bf16 GEMM instead: scores as the
+//! same exact products summed in f32 (one chain per score over the head's feature pairs in order), the weighted
+//! sum with each probability split into two bf16 parts (`hi + lo`, within 2⁻¹⁶ of the f32 value) and the two
+//! f32 results added; a row's bits still depend only on its own sequence. f32 models never come here (the f32
+//! path is unchanged).
 
 use candle_core::{Device, Result, Tensor};
 
@@ -28,9 +30,10 @@ use rayon::prelude::*;
 const QB: usize = 32;
 /// Score lanes computed together (one zmm of f32).
 pub(super) const L: usize = 16;
-/// Keys from which a sequence's scores run on the packed bf16 GEMM (gemm_bf16.rs; AMX tiles where the CPU has
-/// them) rather than the f32 FMA loop: the full-attention blocks' whole images (1564 keys at 640×480), not the
-/// 64-key windows, where packing the keys per head and window would cost more than it saves.
+/// Keys from which a sequence's scores and weighted sums run on the packed bf16 GEMM (gemm_bf16.rs; AMX tiles
+/// where the CPU has them) rather than the f32 FMA loop: the full-attention blocks' whole images (1564 keys at
+/// 640×480), not the 64-key windows, where packing keys and values per head and window would cost more than it
+/// saves.
 const GEMM_KEYS: usize = 256;
 
 /// Attention of the vision blocks.
@@ -643,7 +646,7 @@ mod tests {
     fn attention_matches_candle_path() -> Result<()> {
         // head_dim 80 (the real one: 2 × 16 lanes + 16 + the 4-row groups), 12 (tail lanes only); windows
         // of 13 rows with a ragged last one, two images; and one sequence per image (full attention), also
-        // long enough for the scores to run on the packed GEMM (`GEMM_KEYS`), with a ragged last task.
+        // long enough to run on the packed GEMM (`GEMM_KEYS`), with a ragged last task.
         for &(n, images, win, heads, hd) in &[
             (61, 2, 13, 3, 80),
             (61, 2, 61, 3, 80),
