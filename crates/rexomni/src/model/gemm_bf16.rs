@@ -110,8 +110,8 @@ pub struct PackedBf16 {
     n: usize,
     k: usize,
     /// Pairs per panel as stored: `ceil(k / 2)` (an odd `k` pads the last pair with a zero) rounded up to a
-    /// whole AMX tile ([`amx::PAIRS`]), the padding zero, so
-    /// a tile load never reads past a panel and the padded pairs add exact zeros.
+    /// whole AMX tile ([`amx::PAIRS`]), the padding zero, so a tile load never reads past a panel and the
+    /// padded pairs add exact zeros.
     kps: usize,
     /// `ceil(n / NR)` panels of `kps × NR` words; columns past `n` are zero. In huge pages where Linux allows:
     /// a decode step streams the whole weight (huge_pages.rs).
@@ -394,7 +394,8 @@ impl PackedBf16 {
 }
 
 /// Sets the most rows per AMX task for the following calls (a multiple of 32, at least 32; `None`: the
-/// default [`amx::MC_MAX`]), only so that `rexbench-gemm --vision-sweep` can compare caps in one process.
+/// default [`amx::MC_MAX`]), only so that `rexbench-gemm --vision-sweep` and `rexbench --batch-ab` can compare
+/// caps in one process.
 /// Results do not depend on it (every output is one chain over the pairs in order).
 pub fn set_amx_row_cap(rows: Option<usize>) {
     amx::set_row_cap(rows.map_or(amx::MC_MAX, |r| r.max(32).next_multiple_of(32)));

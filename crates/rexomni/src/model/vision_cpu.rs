@@ -174,8 +174,6 @@ pub fn attention(
             let mut acc = vec![0f32; R * hd];
             let (mut qrows, mut hi, mut lo) = (Vec::new(), Vec::new(), Vec::new());
             for h in 0..heads {
-                let kblocks = &kp[h * kper + koff..][..lkp * hd];
-                let vseq = &vh[(h * rows + s) * hd..(h * rows + e) * hd];
                 if let Some((keys, values)) = &packed[h][seq] {
                     // All the task's rows at once: scores `[m, lk]` from one GEMM call, softmax per row, then
                     // the weighted sum as two GEMM calls over the values: each probability split into bf16
@@ -206,6 +204,8 @@ pub fn attention(
                     }
                     continue;
                 }
+                let kblocks = &kp[h * kper + koff..][..lkp * hd];
+                let vseq = &vh[(h * rows + s) * hd..(h * rows + e) * hd];
                 let mut r0 = 0;
                 while r0 < m {
                     let g = R.min(m - r0);
