@@ -8,7 +8,8 @@
 //! `--q8` for the Q8_0 table only, `--q8-sweep` for one decode step's Q8_0 weights against a plain read,
 //! `--bf16-sweep` for the same step's packed bf16 weights on each level, `--prefill-sweep` for a prefill's
 //! weights at 441 rows, cold, `--vision-sweep` for the vision tower's weights at one and four frames' rows under
-//! several AMX row caps).
+//! several AMX row caps, `--fused-sweep` for one decode step as separate and as fused q|k|v and gate|up calls,
+//! `--peak` for the CPU's own `vdpbf16ps` ceiling).
 //! Out: one table on stdout, ms per call (the
 //! fastest of the repeats: the machine is shared, and the minimum is the least disturbed) and GFLOP/s
 //! (2·m·k·n). Runs on the main thread and the rayon pool (`RAYON_NUM_THREADS`).
@@ -103,6 +104,12 @@ fn main() -> anyhow::Result<()> {
     }
     if std::env::args().any(|a| a == "--bf16-sweep") {
         return bf16_sweep(Duration::from_millis(2000));
+    }
+    if std::env::args().any(|a| a == "--peak") {
+        return peak_table();
+    }
+    if std::env::args().any(|a| a == "--fused-sweep") {
+        return fused_sweep(8);
     }
     if std::env::args().any(|a| a == "--prefill-sweep") {
         return prefill_sweep(Duration::from_millis(3000));
@@ -487,6 +494,147 @@ fn bf16_sweep(budget: Duration) -> anyhow::Result<()> {
             .collect();
         println!("| {m} | {} |", cells.join(" | "));
     }
+    Ok(())
+}
+
+/// The CPU's own ceiling for a bf16 GEMM without AMX: `vdpbf16ps` on registers alone (24 independent
+/// accumulators, no memory operand), on one thread and on every pool thread at once, in GFLOP/s (64 per
+/// instruction: 16 lanes × 2 products, each a multiply and an add, counted like `2·m·k·n`). A GEMM's GFLOP/s in
+/// the tables above over this says how much of the machine it uses; where it is near 100 %, only less
+/// arithmetic, not a better kernel, makes that layer faster.
+fn peak_table() -> anyhow::Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16") {
+        const ITERS: usize = 20_000_000;
+        let flop = (ITERS * peak::ACCUMULATORS * 64) as f64;
+        let one = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                // SAFETY: the CPU has AVX-512F and AVX-512 BF16 (checked above).
+                std::hint::black_box(unsafe { peak::dot_loop(ITERS) });
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        let threads = rayon::current_num_threads();
+        let all = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                rayon::broadcast(|_| {
+                    // SAFETY: as above; every pool thread runs on the same CPU model.
+                    std::hint::black_box(unsafe { peak::dot_loop(ITERS) })
+                });
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        println!("# vdpbf16ps (zmm) on registers, best of 3 runs of {ITERS} × {} instructions per thread", peak::ACCUMULATORS);
+        println!("| threads | GFLOP/s | instructions per ns per thread |");
+        println!("|---|---|---|");
+        println!(
+            "| 1 | {:.0} | {:.2} |",
+            flop / one / 1e9,
+            flop / 64.0 / one / 1e9
+        );
+        println!(
+            "| {threads} | {:.0} | {:.2} |",
+            threads as f64 * flop / all / 1e9,
+            flop / 64.0 / all / 1e9
+        );
+        return Ok(());
+    }
+    println!("# --peak: this CPU has no AVX-512 BF16; nothing to measure");
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod peak {
+    use std::arch::x86_64::*;
+
+    /// Independent chains: enough to cover the instruction's latency at its full throughput.
+    pub const ACCUMULATORS: usize = 24;
+
+    /// `iters` rounds of one `vdpbf16ps` per accumulator; returns their sum so nothing is optimised away.
+    ///
+    /// SAFETY: AVX-512F and AVX-512 BF16 present.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn dot_loop(iters: usize) -> f32 {
+        let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80));
+        let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3c00_3c00));
+        let mut acc = [_mm512_setzero_ps(); ACCUMULATORS];
+        for _ in 0..iters {
+            for r in acc.iter_mut() {
+                *r = _mm512_dpbf16_ps(*r, a, b);
+            }
+        }
+        acc.iter().map(|&r| _mm512_reduce_add_ps(r)).sum()
+    }
+}
+
+/// Whether fewer, wider calls stream a decode step faster: [`bf16_sweep`]'s step at one row as 29 calls
+/// (q, k, v, o, gate, up, down per layer, then the lm_head) against 17 (q|k|v and gate|up each one weight of their
+/// outputs side by side, as a fused loader would hold them), the two taking turns for `rounds` rounds. The bytes
+/// are the same; only the number of fork-joins and of cold starts of the weight stream differs. Then the
+/// decoder layers' calls alone against the lm_head's one call, in GB/s: whether small calls stream worse.
+fn fused_sweep(rounds: usize) -> anyhow::Result<()> {
+    let separate = pack_random(&decode_step_layers());
+    let mut fused_layers = Vec::new();
+    for _ in 0..4 {
+        fused_layers.extend([
+            (2048usize, 2048 + 2 * 256),
+            (2048, 2048),
+            (2048, 2 * 11008),
+            (11008, 2048),
+        ]);
+    }
+    fused_layers.push((2048, 151936));
+    let fused = pack_random(&fused_layers);
+    let bytes: usize = separate.iter().map(|w| w.packed_bytes()).sum();
+    let xs: Vec<Vec<bf16>> = [2048usize, 11008].iter().map(|&k| values(k, 1)).collect();
+    let step = |ws: &[PackedBf16]| {
+        let t = Instant::now();
+        for w in ws {
+            std::hint::black_box(w.matmul(&xs[usize::from(w.k() != 2048)], 1, None));
+        }
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    // Warm both (page faults, the pool), then a best of 3 per side per round.
+    step(&separate);
+    step(&fused);
+    println!(
+        "# One decode step at one row, {:.0} MB of packed bf16: {} calls against {} (q|k|v and gate|up fused); best of 3 ms per round",
+        bytes as f64 / 1e6,
+        separate.len(),
+        fused.len()
+    );
+    println!("| round | separate | fused | separate / fused |");
+    println!("|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for r in 0..rounds {
+        let best3 = |ws: &[PackedBf16]| (0..3).map(|_| step(ws)).fold(f64::INFINITY, f64::min);
+        let (a, b) = if r % 2 == 0 {
+            let a = best3(&separate);
+            (a, best3(&fused))
+        } else {
+            let b = best3(&fused);
+            (best3(&separate), b)
+        };
+        ratios.push(a / b);
+        println!("| {} | {a:.1} | {b:.1} | {:.3} |", r + 1, a / b);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("median separate / fused: {:.3}", ratios[ratios.len() / 2]);
+    // Where the step's time goes by call size: the decoder layers' calls against the one lm_head call.
+    let (layers, head) = separate.split_at(separate.len() - 1);
+    let gbs = |ws: &[PackedBf16]| {
+        let b: usize = ws.iter().map(|w| w.packed_bytes()).sum();
+        let ms = (0..5).map(|_| step(ws)).fold(f64::INFINITY, f64::min);
+        format!("{ms:.1} ms ({:.1} GB/s)", b as f64 / ms / 1e6)
+    };
+    println!(
+        "decoder layers alone ({} calls): {}; lm_head alone: {}",
+        layers.len(),
+        gbs(layers),
+        gbs(head)
+    );
     Ok(())
 }
 
