@@ -72,7 +72,21 @@ install() {
   # cudarc's driver bindings also reference versioned entry points (`_v2`, `_ptsz`) that cuda.h only
   # reaches through macros; add the names cudarc declares directly.
   local cudarc_src
-  cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1 || true)
+  find_cudarc() { ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1 || true; }
+  cudarc_src=$(find_cudarc)
+  if [[ -z "$cudarc_src" ]]; then
+    # A fresh machine: cargo unpacks cudarc only once a cuda build starts, which is after this script, so the
+    # cuBLAS/cuRAND/NVRTC stubs would come out empty and the link would fail. `cargo fetch` unpacks every
+    # crate of Cargo.lock now.
+    (cd "$(dirname "${BASH_SOURCE[0]}")/.." && cargo fetch --locked --quiet)
+    cudarc_src=$(find_cudarc)
+  fi
+  [[ -n "$cudarc_src" ]] || {
+    echo "cuda-toolkit.sh: cudarc 0.19's source is not under ${CARGO_HOME:-$HOME/.cargo}/registry/src even after" \
+      "cargo fetch; without it the cuBLAS, cuRAND and NVRTC stubs would export nothing. Run cargo fetch in the" \
+      "repository and try again." >&2
+    exit 1
+  }
   add_from_cudarc() { # module-dir outfile
     [[ -n "$cudarc_src" && -f "$cudarc_src/src/$1/sys/mod.rs" ]] || return 0
     grep -ohE '^\s*fn [A-Za-z0-9_]+\(' "$cudarc_src/src/$1/sys/mod.rs" | sed -E 's/^\s*fn ([A-Za-z0-9_]+)\(/\1/' >> "$2"
