@@ -607,9 +607,9 @@ fn fused_sweep(rounds: usize) -> anyhow::Result<()> {
     );
     println!("| round | separate | fused | separate / fused |");
     println!("|---|---|---|---|");
+    let best3 = |ws: &[PackedBf16]| (0..3).map(|_| step(ws)).fold(f64::INFINITY, f64::min);
     let mut ratios = Vec::new();
     for r in 0..rounds {
-        let best3 = |ws: &[PackedBf16]| (0..3).map(|_| step(ws)).fold(f64::INFINITY, f64::min);
         let (a, b) = if r % 2 == 0 {
             let a = best3(&separate);
             (a, best3(&fused))
