@@ -18,6 +18,7 @@ mod decode_ab;
 mod drafts;
 mod lockstep;
 mod measure;
+mod prefill_ab;
 mod random_weights;
 mod scenarios;
 mod vision_ab;
@@ -126,6 +127,11 @@ struct Args {
     /// With --batch-ab: AMX row caps (rows per GEMM task) to compare, taking turns within each round.
     #[arg(long, value_delimiter = ',', default_value = "512")]
     batch_ab_caps: Vec<usize>,
+    /// Time one frame's prefill with the final layer computing the last position alone (the default) and
+    /// computing every position, alternating in one process, this many rounds each, instead of the stage
+    /// measurements; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    prefill_ab: usize,
     /// Time --output-tokens greedy decode steps per --batches entry with the CPU work on rayon's pool (the
     /// default) and on the calling thread, alternating in one process, this many rounds each; 0 = off.
     #[arg(long, default_value_t = 0)]
@@ -250,6 +256,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.vision_ab > 0 {
         return vision_ab::run(&model, (w, h), args.vision_ab);
+    }
+    if args.prefill_ab > 0 {
+        return prefill_ab::run(&model, &tokenizer, (w, h), args.prefill_ab);
     }
     for (rounds, toggle) in [
         (args.pool_ab, &decode_ab::POOL),

@@ -605,14 +605,9 @@ pub(crate) fn prefill_group(
     let prefills = model
         .prefill_batch(&first.prompt_ids, &embs, first.grid_thw)
         .map_err(|e| with_index(e, group[0]))?;
-    let l = first.prompt_ids.len();
     let mut last_logits = Vec::with_capacity(prefills.len());
     for p in &prefills {
-        last_logits.push(
-            model
-                .logits(&p.hidden.narrow(1, l - 1, 1)?)?
-                .flatten_all()?,
-        );
+        last_logits.push(model.logits(&p.hidden)?.flatten_all()?);
     }
     sync(dev)?;
     Ok(GroupPrefill {

@@ -110,6 +110,18 @@ impl Linear {
         }
     }
 
+    /// Whether a row of `forward(x)` gets the same bits whatever the other rows of `x` are, so a pass may
+    /// compute only the rows it needs: our own CPU kernels fix each output's sum order by `k` alone
+    /// (gemm_bf16.rs, cpu_q8.rs); candle's GEMMs and the few-row kernels they hand over to do not promise it.
+    pub fn rows_are_independent(&self, x: &Tensor) -> bool {
+        let cpu = x.device().is_cpu();
+        match self {
+            Self::PackedBf16 { .. } => cpu && x.dtype() == DType::BF16,
+            Self::PackedQ8 { .. } => cpu && matches!(x.dtype(), DType::BF16 | DType::F32),
+            Self::Dense(_) | Self::Quant { .. } => false,
+        }
+    }
+
     /// Bytes one forward reads for the weight and bias, as held: a dense tensor's elements, the packed bf16
     /// panels (padding included), or the quantized blocks (scales included).
     pub fn weight_bytes(&self) -> usize {

@@ -74,7 +74,9 @@ pub struct Qwen25Vl {
 
 /// Result of a prefill for one sequence.
 pub struct Prefill {
-    /// `[1, L, hidden]` final-layer hidden states (before the final norm).
+    /// Final-layer hidden states (before the final norm): `[1, 1, hidden]`, the last position's, from
+    /// [`Qwen25Vl::prefill`] and [`Qwen25Vl::prefill_batch`] (the next id needs no other); `[1, L, hidden]` from
+    /// [`Qwen25Vl::prefill_every_position`].
     pub hidden: Tensor,
     pub cache: KvCache,
     /// Position offset for decode: the token at cache index `p` gets position `p + rope_delta` (spec §3.4).
@@ -189,16 +191,38 @@ impl Qwen25Vl {
         Ok(all.index_select(&Tensor::from_vec(gather, l, &self.device)?, 0)?)
     }
 
-    /// Causal prefill of one prompt holding one image (`grid_thw`), starting from an empty cache.
+    /// Causal prefill of one prompt holding one image (`grid_thw`), starting from an empty cache; the hidden
+    /// state of the last position only.
     pub fn prefill(
         &self,
         ids: &[u32],
         image_embeds: &Tensor,
         grid_thw: [usize; 3],
     ) -> Result<Prefill, ModelError> {
+        self.prefill_one(ids, image_embeds, grid_thw, text::Outputs::Last)
+    }
+
+    /// [`Self::prefill`] with every position's hidden state (parity tests compare all positions' logits); the
+    /// last position's bits are the same either way.
+    pub fn prefill_every_position(
+        &self,
+        ids: &[u32],
+        image_embeds: &Tensor,
+        grid_thw: [usize; 3],
+    ) -> Result<Prefill, ModelError> {
+        self.prefill_one(ids, image_embeds, grid_thw, text::Outputs::Every)
+    }
+
+    fn prefill_one(
+        &self,
+        ids: &[u32],
+        image_embeds: &Tensor,
+        grid_thw: [usize; 3],
+        outputs: text::Outputs,
+    ) -> Result<Prefill, ModelError> {
         cpu_pool::run(&self.device, || {
             let embeds = self.splice(ids, image_embeds)?.unsqueeze(0)?;
-            self.prefill_embeds(ids, &embeds, grid_thw)
+            self.prefill_embeds(ids, &embeds, grid_thw, outputs)
         })
     }
 
@@ -209,6 +233,7 @@ impl Qwen25Vl {
         ids: &[u32],
         embeds: &Tensor,
         grid_thw: [usize; 3],
+        outputs: text::Outputs,
     ) -> Result<Prefill, ModelError> {
         let m = self.cfg.vision.spatial_merge_size;
         let (lh, lw) = (grid_thw[1] / m, grid_thw[2] / m);
@@ -217,7 +242,9 @@ impl Qwen25Vl {
         let l = ids.len();
         let causal = text::Visible::Causal(text::CausalMask::new(l, &self.device));
         let mut cache = KvCache::new(self.cfg.text.num_hidden_layers);
-        let hidden = self.text.forward(embeds, &cos, &sin, &causal, &mut cache)?;
+        let hidden = self
+            .text
+            .forward(embeds, &cos, &sin, &causal, &mut cache, outputs)?;
         Ok(Prefill {
             hidden,
             cache,
@@ -227,7 +254,8 @@ impl Qwen25Vl {
     }
 
     /// Causal prefill of one prompt `ids` for several images of the same `grid_thw` as one `[B, L]` batch
-    /// (same ids → same positions and mask); returns one [`Prefill`] per image, each with its own cache rows.
+    /// (same ids → same positions and mask); returns one [`Prefill`] per image, each with its own cache rows
+    /// and its last position's hidden state.
     pub fn prefill_batch(
         &self,
         ids: &[u32],
@@ -247,7 +275,12 @@ impl Qwen25Vl {
                 cache,
                 rope_delta,
                 positions,
-            } = self.prefill_embeds(ids, &Tensor::stack(&embeds, 0)?, grid_thw)?;
+            } = self.prefill_embeds(
+                ids,
+                &Tensor::stack(&embeds, 0)?,
+                grid_thw,
+                text::Outputs::Last,
+            )?;
             (0..image_embeds.len())
                 .map(|b| {
                     let mut row = KvCache::new(cache.layers.len());
@@ -287,7 +320,9 @@ impl Qwen25Vl {
             let mask = key_mask.cloned();
             let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
             let visible = text::Visible::Masked(&mask_fn);
-            let hidden = self.text.forward(&embeds, &cos, &sin, &visible, cache)?;
+            let hidden =
+                self.text
+                    .forward(&embeds, &cos, &sin, &visible, cache, text::Outputs::Every)?;
             Ok(self.text.logits(&hidden)?.squeeze(1)?)
         })
     }
@@ -316,7 +351,9 @@ impl Qwen25Vl {
             let mask = key_mask.cloned();
             let mask_fn = move |_: usize, _: usize| Ok(mask.clone());
             let visible = text::Visible::Masked(&mask_fn);
-            let hidden = self.text.forward(&embeds, &cos, &sin, &visible, cache)?;
+            let hidden =
+                self.text
+                    .forward(&embeds, &cos, &sin, &visible, cache, text::Outputs::Every)?;
             Ok(self.text.logits(&hidden)?)
         })
     }

@@ -1,8 +1,9 @@
 //! The decoder's causal attention over a whole prompt (prefill from an empty cache) on the CPU in bf16.
 //!
-//! In: q `[B, H, L, d]`, k and v `[B, Hkv, L, d]` bf16 after RoPE (`H` a multiple of `Hkv`; query head `h` reads
-//! kv head `h / (H / Hkv)`, as HF's `repeat_kv`), token `i` seeing tokens `0..=i`. Out: `[B, L, H · d]` bf16,
-//! the layout the output projection reads. One rayon task per `(b, block of positions)`.
+//! In: q `[B, H, Lq, d]`, k and v `[B, Hkv, L, d]` bf16 after RoPE (`H` a multiple of `Hkv`; query head `h` reads
+//! kv head `h / (H / Hkv)`, as HF's `repeat_kv`), the queries those of the last `Lq ≤ L` positions (all of them in
+//! a prefill; the last alone in a prefill's final layer, text.rs), token `i` seeing tokens `0..=i`. Out:
+//! `[B, Lq, H · d]` bf16, the layout the output projection reads. One rayon task per `(b, block of positions)`.
 //!
 //! Why: the general path (attention.rs) copied k and v once per query head (`repeat_kv`), widened everything
 //! to f32, ran candle's f32 GEMM over every column — the masked upper triangle too — and built a `[L, L]` mask
@@ -42,6 +43,11 @@ pub fn set_enabled(on: bool) {
     ENABLED.set(on);
 }
 
+/// Whether the switch above is on (the operands still have to pass [`applies`]).
+pub fn enabled() -> bool {
+    ENABLED.is_on()
+}
+
 /// Whether [`causal`] takes these operands: bf16 CPU tensors of the shapes above.
 pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     if !ENABLED.is_on() || !all_bf16_cpu_4d(&[q, k, v]) {
@@ -52,14 +58,20 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && qd[0] == kd[0]
         && kd[1] > 0
         && qd[1] % kd[1] == 0
-        && qd[2] == kd[2]
+        && qd[2] <= kd[2]
         && qd[3] == kd[3]
 }
 
-/// The causal attention (see the module doc).
+/// The causal attention (see the module doc). A position's bits are the same whether its query comes alone or
+/// with the others: its sums run over its own columns in a fixed order.
 pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (b, heads, l, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
+    let (b, heads, lq, d) = q.dims4()?;
+    let (kv_heads, l) = (k.dim(1)?, k.dim(2)?);
+    if lq > l {
+        candle_core::bail!("prefill attention: {lq} queries over {l} keys")
+    }
+    // Query `i` of `q` is position `first + i`.
+    let first = l - lq;
     let rep = heads / kv_heads;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let flat = |t: &Tensor| -> Result<Vec<bf16>> { t.contiguous()?.flatten_all()?.to_vec1() };
@@ -83,15 +95,15 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
     let level = Level::best();
     let width = heads * d;
-    let mut out = vec![bf16::ZERO; b * l * width];
-    // Tasks: (batch row, block of positions), each owning its `[positions, H · d]` slice of the output.
-    let blocks = l.div_ceil(POSITIONS);
+    let mut out = vec![bf16::ZERO; b * lq * width];
+    // Tasks: (batch row, block of queries), each owning its `[positions, H · d]` slice of the output.
+    let blocks = lq.div_ceil(POSITIONS);
     let mut tasks = Vec::with_capacity(b * blocks);
     let mut rest = out.as_mut_slice();
     for bi in 0..b {
         for blk in 0..blocks {
             let i0 = blk * POSITIONS;
-            let n = POSITIONS.min(l - i0);
+            let n = POSITIONS.min(lq - i0);
             let (mine, tail) = rest.split_at_mut(n * width);
             tasks.push((bi, i0, n, mine));
             rest = tail;
@@ -99,7 +111,7 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
     tasks.into_par_iter().for_each(|(bi, i0, np, o)| {
         // The block's last position sees keys `0..seen`; earlier rows ignore their columns past their own.
-        let seen = i0 + np;
+        let seen = first + i0 + np;
         let mut qrows = vec![bf16::ZERO; np * rep * d];
         let (mut hi, mut lo) = (
             vec![bf16::ZERO; np * rep * seen],
@@ -111,12 +123,12 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             for (r, dst) in qrows.chunks_exact_mut(d).enumerate() {
                 let (pi, hr) = (r / rep, r % rep);
                 let h = g * rep + hr;
-                dst.copy_from_slice(&q[((bi * heads + h) * l + i0 + pi) * d..][..d]);
+                dst.copy_from_slice(&q[((bi * heads + h) * lq + i0 + pi) * d..][..d]);
             }
             let rows = np * rep;
             let mut p = keys[bg].matmul_f32_cols(&qrows, rows, seen);
             for (r, row) in p.chunks_exact_mut(seen).enumerate() {
-                let cols = i0 + r / rep + 1;
+                let cols = first + i0 + r / rep + 1;
                 level.softmax(&mut row[..cols], scale);
                 row[cols..].fill(0.0);
             }
@@ -136,7 +148,7 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             }
         }
     });
-    Tensor::from_vec(out, (b, l, width), &Device::Cpu)
+    Tensor::from_vec(out, (b, lq, width), &Device::Cpu)
 }
 
 #[cfg(test)]
@@ -227,6 +239,33 @@ mod tests {
             &v.narrow(0, 1, 1)?,
         )?;
         assert_eq!(bits(&row), bits(&all.narrow(0, 1, 1)?.contiguous()?));
+        Ok(())
+    }
+
+    /// The queries of the last positions alone (a prefill's final layer asks for the last one only) give
+    /// those positions' rows of the full call bit for bit, whether the tail starts inside a block of
+    /// [`POSITIONS`] or spans several.
+    #[test]
+    fn the_last_positions_alone_equal_the_full_calls_rows() -> Result<()> {
+        let (b, h, hkv, l, d) = (2, 8, 2, 45, 64);
+        let (q, k, v) = operands(b, h, hkv, l, d);
+        let all = causal(&q, &k, &v)?;
+        for lq in [1, 3, 20] {
+            let tail = q.narrow(2, l - lq, lq)?;
+            assert!(applies(&tail, &k, &v));
+            let ours = causal(&tail, &k, &v)?;
+            assert_eq!(ours.dims(), &[b, lq, h * d]);
+            assert_eq!(
+                bits(&ours),
+                bits(&all.narrow(1, l - lq, lq)?.contiguous()?),
+                "last {lq} positions"
+            );
+        }
+        assert!(!applies(
+            &q,
+            &k.narrow(2, 0, l - 1)?,
+            &v.narrow(2, 0, l - 1)?
+        ));
         Ok(())
     }
 }
