@@ -557,21 +557,44 @@ impl<T> SendPtr<T> {
 
 /// `x [m, k]` as blocks of MR rows, each `[kp][rows]` words (a feature pair of every row of the block side by
 /// side), so the micro-kernel reads `x` sequentially; the block of rows `r0..` starts at word `r0 · kp`.
+/// Written in output order, each pair read as one word, into memory that is not zeroed first (every word of a
+/// block is written once): row by row with a bounds-checked read per value, packing was 1.8 % of a real-config
+/// prefill, and this is 1.6–1.8× faster on its shapes.
 fn pack_rows(x: &[bf16], m: usize, k: usize, kp: usize) -> Vec<u32> {
-    let mut a = vec![0u32; m * kp];
-    a.par_chunks_mut(MR * kp)
+    // A pair's two bf16 read as one little-endian word is `pair(lo, hi)`.
+    const { assert!(cfg!(target_endian = "little")) };
+    assert_eq!(kp, k.div_ceil(2), "{kp} pairs for {k} features");
+    assert_eq!(x.len(), m * k, "x is {} values, not [{m}, {k}]", x.len());
+    let pairs = k / 2;
+    let mut a: Vec<u32> = Vec::with_capacity(m * kp);
+    a.spare_capacity_mut()[..m * kp]
+        .par_chunks_mut(MR * kp)
         .enumerate()
         .for_each(|(blk, out)| {
             let r0 = blk * MR;
             let rb = MR.min(m - r0);
-            for r in 0..rb {
-                let row = &x[(r0 + r) * k..(r0 + r + 1) * k];
-                for p in 0..kp {
-                    let hi = row.get(2 * p + 1).copied().unwrap_or(bf16::ZERO);
-                    out[p * rb + r] = pair(row[2 * p], hi);
+            let rows = &x[r0 * k..(r0 + rb) * k];
+            for (p, dst) in out.chunks_exact_mut(rb).take(pairs).enumerate() {
+                for (r, d) in dst.iter_mut().enumerate() {
+                    // SAFETY: `2p + 1 < k`, so both values of the pair lie in row `r` of `rows`.
+                    let w = unsafe {
+                        rows.as_ptr()
+                            .add(r * k + 2 * p)
+                            .cast::<u32>()
+                            .read_unaligned()
+                    };
+                    d.write(w);
+                }
+            }
+            if k % 2 == 1 {
+                for (r, d) in out[pairs * rb..].iter_mut().enumerate() {
+                    d.write(pair(rows[r * k + k - 1], bf16::ZERO));
                 }
             }
         });
+    // SAFETY: each block of `rb` rows is `kp · rb` words: the `pairs` full pairs and the odd feature's pair
+    // above wrote every one.
+    unsafe { a.set_len(m * kp) };
     a
 }
 
