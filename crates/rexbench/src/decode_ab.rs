@@ -2,7 +2,9 @@
 //! (docs/benchmarks.md): `rexbench --pool-ab N` times the model's CPU work on rayon's pool (the default,
 //! rexomni's `cpu_pool`) against the calling thread, and checks that both give the same logits, bit for bit;
 //! `rexbench --attention-ab N` times bf16 decode attention with `decode_attention`'s kernel against the general
-//! path (the logits differ in the last bits there: another summation order).
+//! path (the logits differ in the last bits there: another summation order); `rexbench --tasks-ab N` times every
+//! kernel task as its own rayon job against rayon's adaptive pieces (after the same comparison of prefills,
+//! prefill_ab.rs).
 //!
 //! In: a loaded model, its tokenizer, the frame size, `--output-tokens` steps per round. Out: one line per round
 //! and the median of each way on stdout. Alternating in one process keeps both under the same machine load.
@@ -33,6 +35,13 @@ pub const ATTENTION: Toggle = Toggle {
     what: "attention-ab",
     ways: ["kernel", "general"],
     set: decode_attention::set_enabled,
+};
+
+/// Every kernel task a rayon job of its own against rayon's adaptive pieces (rexomni's `cpu_pool`).
+pub const TASKS: Toggle = Toggle {
+    what: "tasks-ab",
+    ways: ["jobs", "pieces"],
+    set: cpu_pool::set_task_jobs,
 };
 
 pub fn run(

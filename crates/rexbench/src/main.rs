@@ -132,6 +132,11 @@ struct Args {
     /// measurements; 0 = off.
     #[arg(long, default_value_t = 0)]
     prefill_ab: usize,
+    /// Time one frame's prefill, then --output-tokens decode steps per --batches entry, with every CPU kernel task
+    /// a rayon job of its own (the default) and with rayon's adaptive pieces, alternating in one process, this
+    /// many rounds each, instead of the stage measurements; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    tasks_ab: usize,
     /// Time --output-tokens greedy decode steps per --batches entry with the CPU work on rayon's pool (the
     /// default) and on the calling thread, alternating in one process, this many rounds each; 0 = off.
     #[arg(long, default_value_t = 0)]
@@ -258,7 +263,27 @@ fn main() -> anyhow::Result<()> {
         return vision_ab::run(&model, (w, h), args.vision_ab);
     }
     if args.prefill_ab > 0 {
-        return prefill_ab::run(&model, &tokenizer, (w, h), args.prefill_ab);
+        return prefill_ab::run(
+            &prefill_ab::LAST_POSITION,
+            &model,
+            &tokenizer,
+            (w, h),
+            args.prefill_ab,
+        );
+    }
+    if args.tasks_ab > 0 {
+        let toggle = &decode_ab::TASKS;
+        prefill_ab::run(toggle, &model, &tokenizer, (w, h), args.tasks_ab)?;
+        let steps = args.output_tokens;
+        return decode_ab::run(
+            toggle,
+            &model,
+            &tokenizer,
+            (w, h),
+            &args.batches,
+            steps,
+            args.tasks_ab,
+        );
     }
     for (rounds, toggle) in [
         (args.pool_ab, &decode_ab::POOL),

@@ -1,19 +1,29 @@
-//! `rexbench --prefill-ab N`: one frame's prefill with the final layer computing the last position alone (the
-//! default, text.rs `Layer::forward_last_position`) and computing every position as before, alternating in one
-//! process, N rounds each (docs/benchmarks.md, "The last position alone in a prefill's final layer").
+//! One frame's prefill one way and another, alternating in one process, N rounds each (docs/benchmarks.md):
+//! `rexbench --prefill-ab N` with the final layer computing the last position alone (the default, text.rs
+//! `Layer::forward_last_position`) and computing every position as before, with the decoder's GEMM arithmetic
+//! per prefill both ways; `rexbench --tasks-ab N` (then decode steps, decode_ab.rs) with every kernel task a
+//! rayon job of its own and with rayon's adaptive pieces (rexomni's `cpu_pool`).
 //!
-//! In: a loaded model, its tokenizer and the frame size. Out on stdout: one line per prefill, each mode's
-//! median, the decoder's GEMM arithmetic per prefill both ways, and whether both ways gave the last position
-//! the same bits (they must) and the same keys and values.
+//! In: a loaded model, its tokenizer and the frame size. Out on stdout: one line per prefill, each way's
+//! median, and whether both ways gave the last position the same bits (they must) and the same keys and values.
 
 use std::time::Instant;
 
 use anyhow::Context;
 use rexomni::model::{text, Qwen25Vl};
+
+use crate::decode_ab::Toggle;
+
+pub const LAST_POSITION: Toggle = Toggle {
+    what: "prefill-ab",
+    ways: ["last alone", "every row"],
+    set: text::set_last_position_only,
+};
 use rexomni::protocol::{RexTokenizer, Task, TaskPrompt};
 use rexprep::tensor::TensorPrep;
 
 pub fn run(
+    toggle: &Toggle,
     model: &Qwen25Vl,
     tokenizer: &RexTokenizer,
     (w, h): (u32, u32),
@@ -28,7 +38,8 @@ pub fn run(
         .encode_chat(&prompt, w, h, prepared.num_image_tokens)
         .context("encoding the benchmark prompt")?;
     let embeds = model.encode_image(&prepared.pixel_values, grid)?;
-    let modes = [(true, "last alone"), (false, "every row")];
+    let what = toggle.what;
+    let modes = [(true, toggle.ways[0]), (false, toggle.ways[1])];
     let mut times = [Vec::new(), Vec::new()];
     let mut outputs = [None, None];
     // One warm-up prefill per mode, then `rounds` timed ones each, the order alternating per round.
@@ -36,32 +47,35 @@ pub fn run(
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let (on, name) = modes[i];
-            text::set_last_position_only(on);
+            (toggle.set)(on);
             let t = Instant::now();
             let p = model.prefill(&ids, &embeds, grid)?;
             crate::measure::sync(&p.hidden)?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             if round > 0 {
-                println!("prefill-ab round {round} {name:<10} {ms:>10.1} ms");
+                println!("{what} prefill round {round} {name:<10} {ms:>10.1} ms");
                 times[i].push(ms);
             }
             outputs[i] = Some(p);
         }
     }
-    text::set_last_position_only(true);
+    (toggle.set)(true);
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let (on, off) = (median(&mut times[0]), median(&mut times[1]));
-    let (every, last) = decoder_gflop(model, ids.len());
+    if what == LAST_POSITION.what {
+        let (every, last) = decoder_gflop(model, ids.len());
+        println!(
+            "{what} {} tokens: decoder GEMMs {every:.1} GFLOP every row, {last:.1} GFLOP last alone ({:.1} % less)",
+            ids.len(),
+            100.0 * (1.0 - last / every)
+        );
+    }
+    let [a, b] = toggle.ways;
     println!(
-        "prefill-ab {} tokens: decoder GEMMs {every:.1} GFLOP every row, {last:.1} GFLOP last alone ({:.1} % less)",
-        ids.len(),
-        100.0 * (1.0 - last / every)
-    );
-    println!(
-        "prefill-ab median   last alone {on:.1} ms, every row {off:.1} ms, speed-up {:.3}x",
+        "{what} prefill median: {a} {on:.1} ms, {b} {off:.1} ms, speed-up {:.3}x",
         off / on
     );
     if let [Some(a), Some(b)] = &outputs {
@@ -79,7 +93,7 @@ pub fn run(
             }
         }
         println!(
-            "prefill-ab last hidden state identical: {}, keys and values identical: {same_cache}",
+            "{what} prefill last hidden state identical: {}, keys and values identical: {same_cache}",
             bits(&a.hidden)? == bits(&b.hidden)?
         );
     }

@@ -47,6 +47,34 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(u8::from(on), Ordering::Relaxed);
 }
 
+/// Off only for A/B measurements ([`set_task_jobs`]).
+static TASK_JOBS: AtomicU8 = AtomicU8::new(1);
+
+/// The `with_max_len` of a kernel's parallel iterator over coarse tasks (a GEMM's output blocks, the prefill
+/// attention's blocks of positions, the vision windows, cpu_q8's weight groups): 1, every task a job of its own
+/// that an idle thread can steal.
+///
+/// Why: rayon cuts an indexed iterator into about four pieces per thread and never splits a piece again once
+/// its own thread has started it (only a stolen piece is split further). With two threads, a call's last piece
+/// (up to a quarter of its tasks: ten 2.3 ms tasks of a real-config `down_proj` at 441 rows) could run on one
+/// thread while the other waited: `perf` found one of the two pool threads idle 15 % of a real-config prefill,
+/// and with one job per task both stay busy (docs/benchmarks.md, `rexbench --tasks-ab`). A task here is
+/// tens of microseconds at least, so a job each costs nothing measurable. Which thread runs a task never
+/// changes what it computes: the bits are the same either way.
+pub fn max_tasks_per_job() -> usize {
+    if TASK_JOBS.load(Ordering::Relaxed) == 1 {
+        1
+    } else {
+        usize::MAX
+    }
+}
+
+/// Whether [`max_tasks_per_job`] makes every task a job (default: yes) or leaves the split to rayon's
+/// adaptive pieces, as before. For benchmarks that time both ways.
+pub fn set_task_jobs(on: bool) {
+    TASK_JOBS.store(u8::from(on), Ordering::Relaxed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -360,6 +360,7 @@ pub fn matmul_quantized<O: Output>(
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..groups.div_ceil(per_task))
         .into_par_iter()
+        .with_max_len(super::cpu_pool::max_tasks_per_job())
         .for_each(|t| {
             let mut tile = [[0f32; TILE_X]; GROUP];
             // Activation tiles outside, weight groups inside: the task's weights (≤ TASK_BYTES) stay in L2 while

@@ -90,6 +90,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Resu
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let mut out = vec![bf16::ZERO; b * h * lq * d];
     out.par_chunks_mut(lq * d)
+        .with_max_len(super::cpu_pool::max_tasks_per_job())
         .enumerate()
         .for_each(|(task, o)| {
             let (bi, hi) = (task / h, task % h);

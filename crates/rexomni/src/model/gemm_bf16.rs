@@ -263,29 +263,32 @@ impl PackedBf16 {
         }
         let a = pack_rows(x, m, k, kp);
         let (row_blocks, nc, col_blocks) = split(m, MC, n);
-        (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
-            let (ib, jb) = (t / col_blocks, t % col_blocks);
-            let (i0, j0) = (ib * MC, jb * nc);
-            let (rows, cols) = (MC.min(m - i0), nc.min(n - j0));
-            let panels = cols.div_ceil(NR);
-            let ldc = panels * NR;
-            let mut c = LineAligned::<f32>::zeroed(rows * ldc);
-            for p0 in (0..kp).step_by(KC) {
-                let kc = KC.min(kp - p0);
-                for pj in 0..panels {
-                    let b = &self.data[((j0 / NR + pj) * stride + p0) * NR..][..kc * NR];
-                    for r0 in (0..rows).step_by(MR) {
-                        let rb = MR.min(rows - r0);
-                        // Rows `i0 + r0 ..` sit in their MR block of `a` (MC is a multiple of MR).
-                        let ablk = &a[(i0 + r0) * kp + p0 * rb..][..kc * rb];
-                        let cblk = &mut c[r0 * ldc + pj * NR..];
-                        micro(level, rb, ablk, b, kc, cblk, ldc);
+        (0..row_blocks * col_blocks)
+            .into_par_iter()
+            .with_max_len(super::cpu_pool::max_tasks_per_job())
+            .for_each(|t| {
+                let (ib, jb) = (t / col_blocks, t % col_blocks);
+                let (i0, j0) = (ib * MC, jb * nc);
+                let (rows, cols) = (MC.min(m - i0), nc.min(n - j0));
+                let panels = cols.div_ceil(NR);
+                let ldc = panels * NR;
+                let mut c = LineAligned::<f32>::zeroed(rows * ldc);
+                for p0 in (0..kp).step_by(KC) {
+                    let kc = KC.min(kp - p0);
+                    for pj in 0..panels {
+                        let b = &self.data[((j0 / NR + pj) * stride + p0) * NR..][..kc * NR];
+                        for r0 in (0..rows).step_by(MR) {
+                            let rb = MR.min(rows - r0);
+                            // Rows `i0 + r0 ..` sit in their MR block of `a` (MC is a multiple of MR).
+                            let ablk = &a[(i0 + r0) * kp + p0 * rb..][..kc * rb];
+                            let cblk = &mut c[r0 * ldc + pj * NR..];
+                            micro(level, rb, ablk, b, kc, cblk, ldc);
+                        }
                     }
                 }
-            }
-            // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`.
-            unsafe { store_block(out_ptr, n, (i0, rows), (j0, cols), &c, ldc, bias) };
-        });
+                // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`.
+                unsafe { store_block(out_ptr, n, (i0, rows), (j0, cols), &c, ldc, bias) };
+            });
         out
     }
 
@@ -329,67 +332,70 @@ impl PackedBf16 {
             let (row_blocks, nc, col_blocks) = split(mp, mc, n);
             (row_blocks, mc, nc, col_blocks)
         };
-        (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
-            let (ib, jb) = (t / col_blocks, t % col_blocks);
-            let (i0, j0) = (ib * mc, jb * nc);
-            // Padded rows of this task (a multiple of 16) and the real ones among them.
-            let (rows_p, cols) = (mc.min(mp - i0), nc.min(n - j0));
-            let rows = rows_p.min(m - i0);
-            let panels = cols.div_ceil(NR);
-            let ldc = panels * NR;
-            let _tiles = amx::Tiles::configure();
-            // The task's f32 sums: this thread's buffer from earlier tasks, its stale values never read (the
-            // first K block starts the sums from zero tiles); a fresh zeroed one per task was a pass over
-            // megabytes per prefill call.
-            amx::SUMS.with_borrow_mut(|c| {
-                if c.len() < rows_p * ldc {
-                    *c = LineAligned::zeroed(rows_p * ldc);
-                }
-                // Few rows (decode): the weight streams from memory once, so each panel is read front to
-                // back in one go (one long sequential run per panel), the sums staying in tiles throughout,
-                // and its lines are asked for 4 KiB ahead (prefetch.rs): a tile load waits for all 32 lines
-                // of its two tiles at once, and without the hint a real-config decode step took 1.2–1.8×
-                // as long in place. More rows: K blocks outermost, so a block of `x` and of each panel stay
-                // cached while they are reused.
-                let stream = rows_p <= 2 * amx::ROWS;
-                let kc_max = if stream { kps } else { KC };
-                for p0 in (0..kps).step_by(kc_max) {
-                    let kc = kc_max.min(kps - p0);
-                    for pj in 0..panels {
-                        let b = &self.data[((j0 / NR + pj) * stride + p0) * NR..][..kc * NR];
-                        for r0 in (0..rows_p).step_by(2 * amx::ROWS) {
-                            let two = rows_p - r0 >= 2 * amx::ROWS;
-                            let ablk = &a[(i0 + r0) * kps + p0 * amx::ROWS..];
-                            let cblk = &mut c[r0 * ldc + pj * NR..];
-                            let block = if two {
-                                amx::block::<2>
-                            } else {
-                                amx::block::<1>
-                            };
-                            // SAFETY: tiles are configured on this thread; `ablk` starts at the tile of rows
-                            // `i0 + r0` and pair `p0` (`kc` pairs of tiles follow, and the next 16 rows' `16 · kps`
-                            // words on when `two`), `b` holds `kc` pairs of a panel, `cblk` as many rows of `ldc`.
-                            let (lower, fresh) = (amx::ROWS * kps, p0 == 0);
-                            let prefetch_b = stream;
-                            unsafe {
-                                block(
-                                    ablk.as_ptr(),
-                                    lower,
-                                    b.as_ptr(),
-                                    kc,
-                                    cblk.as_mut_ptr(),
-                                    ldc,
-                                    fresh,
-                                    prefetch_b,
-                                )
+        (0..row_blocks * col_blocks)
+            .into_par_iter()
+            .with_max_len(super::cpu_pool::max_tasks_per_job())
+            .for_each(|t| {
+                let (ib, jb) = (t / col_blocks, t % col_blocks);
+                let (i0, j0) = (ib * mc, jb * nc);
+                // Padded rows of this task (a multiple of 16) and the real ones among them.
+                let (rows_p, cols) = (mc.min(mp - i0), nc.min(n - j0));
+                let rows = rows_p.min(m - i0);
+                let panels = cols.div_ceil(NR);
+                let ldc = panels * NR;
+                let _tiles = amx::Tiles::configure();
+                // The task's f32 sums: this thread's buffer from earlier tasks, its stale values never read (the
+                // first K block starts the sums from zero tiles); a fresh zeroed one per task was a pass over
+                // megabytes per prefill call.
+                amx::SUMS.with_borrow_mut(|c| {
+                    if c.len() < rows_p * ldc {
+                        *c = LineAligned::zeroed(rows_p * ldc);
+                    }
+                    // Few rows (decode): the weight streams from memory once, so each panel is read front to
+                    // back in one go (one long sequential run per panel), the sums staying in tiles throughout,
+                    // and its lines are asked for 4 KiB ahead (prefetch.rs): a tile load waits for all 32 lines
+                    // of its two tiles at once, and without the hint a real-config decode step took 1.2–1.8×
+                    // as long in place. More rows: K blocks outermost, so a block of `x` and of each panel stay
+                    // cached while they are reused.
+                    let stream = rows_p <= 2 * amx::ROWS;
+                    let kc_max = if stream { kps } else { KC };
+                    for p0 in (0..kps).step_by(kc_max) {
+                        let kc = kc_max.min(kps - p0);
+                        for pj in 0..panels {
+                            let b = &self.data[((j0 / NR + pj) * stride + p0) * NR..][..kc * NR];
+                            for r0 in (0..rows_p).step_by(2 * amx::ROWS) {
+                                let two = rows_p - r0 >= 2 * amx::ROWS;
+                                let ablk = &a[(i0 + r0) * kps + p0 * amx::ROWS..];
+                                let cblk = &mut c[r0 * ldc + pj * NR..];
+                                let block = if two {
+                                    amx::block::<2>
+                                } else {
+                                    amx::block::<1>
+                                };
+                                // SAFETY: tiles are configured on this thread; `ablk` starts at the tile of rows
+                                // `i0 + r0` and pair `p0` (`kc` pairs of tiles follow, and the next 16 rows' `16 · kps`
+                                // words on when `two`), `b` holds `kc` pairs of a panel, `cblk` as many rows of `ldc`.
+                                let (lower, fresh) = (amx::ROWS * kps, p0 == 0);
+                                let prefetch_b = stream;
+                                unsafe {
+                                    block(
+                                        ablk.as_ptr(),
+                                        lower,
+                                        b.as_ptr(),
+                                        kc,
+                                        cblk.as_mut_ptr(),
+                                        ldc,
+                                        fresh,
+                                        prefetch_b,
+                                    )
+                                }
                             }
                         }
                     }
-                }
-                // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`.
-                unsafe { store_block(out_ptr, n, (i0, rows), (j0, cols), c, ldc, bias) };
+                    // SAFETY: task `t` alone writes rows i0..i0+rows × columns j0..j0+cols of `out`.
+                    unsafe { store_block(out_ptr, n, (i0, rows), (j0, cols), c, ldc, bias) };
+                });
             });
-        });
     }
 }
 

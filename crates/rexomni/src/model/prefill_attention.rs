@@ -109,45 +109,48 @@ pub fn causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             rest = tail;
         }
     }
-    tasks.into_par_iter().for_each(|(bi, i0, np, o)| {
-        // The block's last position sees keys `0..seen`; earlier rows ignore their columns past their own.
-        let seen = first + i0 + np;
-        let mut qrows = vec![bf16::ZERO; np * rep * d];
-        let (mut hi, mut lo) = (
-            vec![bf16::ZERO; np * rep * seen],
-            vec![bf16::ZERO; np * rep * seen],
-        );
-        for g in 0..kv_heads {
-            let bg = bi * kv_heads + g;
-            // Rows position-major: row `pi · rep + hr` is query head `g · rep + hr` at position `i0 + pi`.
-            for (r, dst) in qrows.chunks_exact_mut(d).enumerate() {
-                let (pi, hr) = (r / rep, r % rep);
-                let h = g * rep + hr;
-                dst.copy_from_slice(&q[((bi * heads + h) * lq + i0 + pi) * d..][..d]);
-            }
-            let rows = np * rep;
-            let mut p = keys[bg].matmul_f32_cols(&qrows, rows, seen);
-            for (r, row) in p.chunks_exact_mut(seen).enumerate() {
-                let cols = first + i0 + r / rep + 1;
-                level.softmax(&mut row[..cols], scale);
-                row[cols..].fill(0.0);
-            }
-            // The weighted sum: each probability as two bf16 parts (`hi + lo` within 2⁻¹⁶ of it), two GEMM calls
-            // over the values, the f32 results added; the zeros past a row's own columns add exactly nothing.
-            split_into(&mut hi, &mut lo, &p);
-            let (a, c) = (
-                values[bg].matmul_f32_within(&hi, rows, seen),
-                values[bg].matmul_f32_within(&lo, rows, seen),
+    tasks
+        .into_par_iter()
+        .with_max_len(super::cpu_pool::max_tasks_per_job())
+        .for_each(|(bi, i0, np, o)| {
+            // The block's last position sees keys `0..seen`; earlier rows ignore their columns past their own.
+            let seen = first + i0 + np;
+            let mut qrows = vec![bf16::ZERO; np * rep * d];
+            let (mut hi, mut lo) = (
+                vec![bf16::ZERO; np * rep * seen],
+                vec![bf16::ZERO; np * rep * seen],
             );
-            for (r, (a, c)) in a.chunks_exact(d).zip(c.chunks_exact(d)).enumerate() {
-                let (pi, hr) = (r / rep, r % rep);
-                let y = &mut o[pi * width + (g * rep + hr) * d..][..d];
-                for ((y, &a), &c) in y.iter_mut().zip(a).zip(c) {
-                    *y = bf16::from_f32(a + c);
+            for g in 0..kv_heads {
+                let bg = bi * kv_heads + g;
+                // Rows position-major: row `pi · rep + hr` is query head `g · rep + hr` at position `i0 + pi`.
+                for (r, dst) in qrows.chunks_exact_mut(d).enumerate() {
+                    let (pi, hr) = (r / rep, r % rep);
+                    let h = g * rep + hr;
+                    dst.copy_from_slice(&q[((bi * heads + h) * lq + i0 + pi) * d..][..d]);
+                }
+                let rows = np * rep;
+                let mut p = keys[bg].matmul_f32_cols(&qrows, rows, seen);
+                for (r, row) in p.chunks_exact_mut(seen).enumerate() {
+                    let cols = first + i0 + r / rep + 1;
+                    level.softmax(&mut row[..cols], scale);
+                    row[cols..].fill(0.0);
+                }
+                // The weighted sum: each probability as two bf16 parts (`hi + lo` within 2⁻¹⁶ of it), two GEMM calls
+                // over the values, the f32 results added; the zeros past a row's own columns add exactly nothing.
+                split_into(&mut hi, &mut lo, &p);
+                let (a, c) = (
+                    values[bg].matmul_f32_within(&hi, rows, seen),
+                    values[bg].matmul_f32_within(&lo, rows, seen),
+                );
+                for (r, (a, c)) in a.chunks_exact(d).zip(c.chunks_exact(d)).enumerate() {
+                    let (pi, hr) = (r / rep, r % rep);
+                    let y = &mut o[pi * width + (g * rep + hr) * d..][..d];
+                    for ((y, &a), &c) in y.iter_mut().zip(a).zip(c) {
+                        *y = bf16::from_f32(a + c);
+                    }
                 }
             }
-        }
-    });
+        });
     Tensor::from_vec(out, (b, lq, width), &Device::Cpu)
 }
 

@@ -167,6 +167,7 @@ pub fn attention(
     let level = Level::best();
     tasks
         .into_par_iter()
+        .with_max_len(super::cpu_pool::max_tasks_per_job())
         .for_each(|(i0, m, seq, (s, e), koff, out)| {
             let lk = e - s;
             let lkp = lk.div_ceil(L) * L;
