@@ -564,8 +564,8 @@ impl<T> SendPtr<T> {
 /// `x [m, k]` as blocks of MR rows, each `[kp][rows]` words (a feature pair of every row of the block side by
 /// side), so the micro-kernel reads `x` sequentially; the block of rows `r0..` starts at word `r0 · kp`.
 /// Written in output order, each pair read as one word, into memory that is not zeroed first (every word of a
-/// block is written once): row by row with a bounds-checked read per value, packing was 1.8 % of a real-config
-/// prefill, and this is 1.6–1.8× faster on its shapes.
+/// block is written once): written row by row, at a stride of `rows` words, with a bounds-checked read per
+/// value, packing was 1.8 % of a real-config prefill (`perf`).
 fn pack_rows(x: &[bf16], m: usize, k: usize, kp: usize) -> Vec<u32> {
     // A pair's two bf16 read as one little-endian word is `pair(lo, hi)`.
     const { assert!(cfg!(target_endian = "little")) };
