@@ -588,8 +588,6 @@ impl TextModel {
     }
 }
 
-/// `x + y`: the residual add, bf16 on the CPU through bf16_lanes.rs (one vectorised pass, the same bits as
-/// candle's bf16 add), anything else through candle.
 /// A row's own keys (or values) cut from a larger cache, as a lone decode step's attention gets them: a view
 /// where the bf16 decode kernel reads it in place with the same bits (decode_attention.rs, tested there),
 /// otherwise a contiguous copy, the operand the general path's lone step has.
@@ -610,6 +608,8 @@ fn rotate(t: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x + y`: the residual add, bf16 on the CPU through bf16_lanes.rs (one vectorised pass, the same bits as
+/// candle's bf16 add), anything else through candle.
 fn residual(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     if bf16_lanes::applies(x) && x.shape() == y.shape() {
         bf16_lanes::add(x, y)
