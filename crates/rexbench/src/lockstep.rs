@@ -16,21 +16,18 @@ use std::time::Instant;
 
 use anyhow::Context;
 use rexomni::model::Qwen25Vl;
-use rexomni::protocol::{RexTokenizer, Task, TaskPrompt};
-use rexprep::tensor::TensorPrep;
+use rexomni::protocol::RexTokenizer;
 use serde_json::json;
 
-use crate::measure::{decode_steps, last_argmax, replicate, sync, test_frame};
+use crate::measure::{bench_frame, decode_steps, last_argmax, replicate, sync, BenchFrame};
 
 pub fn serve(model: &Qwen25Vl, tokenizer: &RexTokenizer, (w, h): (u32, u32)) -> anyhow::Result<()> {
-    let prep = TensorPrep::new(model.device());
-    let prepared = prep.prepare(&rexprep::Frame::rgb(w, h, &test_frame(w, h)))?;
-    let grid = prepared.grid_thw;
-    let prompt = TaskPrompt::new(Task::Detection, &["person", "car", "bicycle", "dog"]);
-    let ids = tokenizer
-        .encode_chat(&prompt, w, h, prepared.num_image_tokens)
-        .context("encoding the benchmark prompt")?;
-    let image_embeds = model.encode_image(&prepared.pixel_values, grid)?;
+    let BenchFrame {
+        pixel_values,
+        grid,
+        ids,
+        image_embeds,
+    } = bench_frame(model, tokenizer, (w, h))?;
     // Decode commands start from this prefill's cache (replicated per batch row), as `measure` does.
     let prefilled = model.prefill(&ids, &image_embeds, grid)?;
     let first = last_argmax(model, &prefilled.hidden)?;
@@ -49,7 +46,7 @@ pub fn serve(model: &Qwen25Vl, tokenizer: &RexTokenizer, (w, h): (u32, u32)) -> 
         let t = Instant::now();
         match words.as_slice() {
             ["vision"] => {
-                sync(&model.encode_image(&prepared.pixel_values, grid)?)?;
+                sync(&model.encode_image(&pixel_values, grid)?)?;
                 say(json!({"stage": "vision", "ms": ms(t)}))?;
             }
             ["prefill"] => {

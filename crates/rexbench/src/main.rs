@@ -272,22 +272,13 @@ fn main() -> anyhow::Result<()> {
         );
     }
     if args.tasks_ab > 0 {
-        let toggle = &decode_ab::TASKS;
-        prefill_ab::run(toggle, &model, &tokenizer, (w, h), args.tasks_ab)?;
-        let steps = args.output_tokens;
-        return decode_ab::run(
-            toggle,
-            &model,
-            &tokenizer,
-            (w, h),
-            &args.batches,
-            steps,
-            args.tasks_ab,
-        );
+        // Prefills first; the decode steps follow in the loop below.
+        prefill_ab::run(&decode_ab::TASKS, &model, &tokenizer, (w, h), args.tasks_ab)?;
     }
     for (rounds, toggle) in [
         (args.pool_ab, &decode_ab::POOL),
         (args.attention_ab, &decode_ab::ATTENTION),
+        (args.tasks_ab, &decode_ab::TASKS),
     ] {
         if rounds > 0 {
             let steps = args.output_tokens;

@@ -271,6 +271,36 @@ pub(crate) fn decode_steps(
     Ok(())
 }
 
+/// The benchmark frame ([`test_frame`]) prepared for the model, the detection prompt's ids for it, and its image
+/// embeddings: what `--lockstep` and `--prefill-ab` / `--tasks-ab` start from.
+pub(crate) struct BenchFrame {
+    pub pixel_values: Tensor,
+    pub grid: [usize; 3],
+    pub ids: Vec<u32>,
+    pub image_embeds: Tensor,
+}
+
+pub(crate) fn bench_frame(
+    model: &Qwen25Vl,
+    tokenizer: &RexTokenizer,
+    (w, h): (u32, u32),
+) -> anyhow::Result<BenchFrame> {
+    let prepared =
+        TensorPrep::new(model.device()).prepare(&rexprep::Frame::rgb(w, h, &test_frame(w, h)))?;
+    let prompt = TaskPrompt::new(Task::Detection, &["person", "car", "bicycle", "dog"]);
+    let ids = tokenizer
+        .encode_chat(&prompt, w, h, prepared.num_image_tokens)
+        .context("encoding the benchmark prompt")?;
+    let grid = prepared.grid_thw;
+    let image_embeds = model.encode_image(&prepared.pixel_values, grid)?;
+    Ok(BenchFrame {
+        pixel_values: prepared.pixel_values,
+        grid,
+        ids,
+        image_embeds,
+    })
+}
+
 pub(crate) fn last_argmax(model: &Qwen25Vl, hidden: &Tensor) -> anyhow::Result<u32> {
     let l = hidden.dim(1)?;
     let logits = model.logits(&hidden.narrow(1, l - 1, 1)?)?.flatten_all()?;

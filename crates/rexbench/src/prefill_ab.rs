@@ -9,18 +9,17 @@
 
 use std::time::Instant;
 
-use anyhow::Context;
 use rexomni::model::{text, Qwen25Vl};
+use rexomni::protocol::RexTokenizer;
 
 use crate::decode_ab::Toggle;
+use crate::measure::{bench_frame, BenchFrame};
 
 pub const LAST_POSITION: Toggle = Toggle {
     what: "prefill-ab",
     ways: ["last alone", "every row"],
     set: text::set_last_position_only,
 };
-use rexomni::protocol::{RexTokenizer, Task, TaskPrompt};
-use rexprep::tensor::TensorPrep;
 
 pub fn run(
     toggle: &Toggle,
@@ -29,15 +28,12 @@ pub fn run(
     (w, h): (u32, u32),
     rounds: usize,
 ) -> anyhow::Result<()> {
-    let rgb = crate::measure::test_frame(w, h);
-    let frame = rexprep::Frame::rgb(w, h, &rgb);
-    let prepared = TensorPrep::new(model.device()).prepare(&frame)?;
-    let grid = prepared.grid_thw;
-    let prompt = TaskPrompt::new(Task::Detection, &["person", "car", "bicycle", "dog"]);
-    let ids = tokenizer
-        .encode_chat(&prompt, w, h, prepared.num_image_tokens)
-        .context("encoding the benchmark prompt")?;
-    let embeds = model.encode_image(&prepared.pixel_values, grid)?;
+    let BenchFrame {
+        grid,
+        ids,
+        image_embeds: embeds,
+        ..
+    } = bench_frame(model, tokenizer, (w, h))?;
     let what = toggle.what;
     let modes = [(true, toggle.ways[0]), (false, toggle.ways[1])];
     let mut times = [Vec::new(), Vec::new()];
