@@ -98,3 +98,64 @@ fn detect_annotate_writes_a_png_consistent_with_the_json() -> Result<()> {
     }
     Ok(())
 }
+
+/// `--max-pixels` (as `[model] max_pixels`): a 500×375 image capped at 50 176 pixels reaches the model at
+/// transformers' `smart_resize(375, 500, max_pixels=50176)` = 252×168 (54 image tokens instead of 234), and
+/// boxes still convert against the original size; a cap outside the model's range is refused with its value.
+#[test]
+fn detect_max_pixels_shrinks_the_model_input_and_refuses_bad_caps() -> Result<()> {
+    let root = workspace_root();
+    let run = |extra: &[&str]| -> Result<std::process::Output> {
+        Command::new(rexstream_bin()?)
+            .args(["detect", "--device", "cpu", "--max-new-tokens", "4"])
+            .args(["--categories", "cat"])
+            .arg("--model")
+            .arg(root.join("tests/fixtures/tiny-untied"))
+            .arg("--image")
+            .arg(root.join("tests/fixtures/prep/chelsea_500x375.png"))
+            .args(extra)
+            .env_remove("REXSTREAM_MODEL")
+            .output()
+            .context("run rexstream detect")
+    };
+    let doc = |out: std::process::Output| -> Result<Value> {
+        ensure!(
+            out.status.success(),
+            "rexstream detect failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let full = doc(run(&[])?)?;
+    let capped = doc(run(&["--max-pixels", "50176"])?)?;
+    assert_eq!(
+        full["resized_size"],
+        serde_json::json!([504, 364]),
+        "{full}"
+    );
+    assert_eq!(
+        capped["resized_size"],
+        serde_json::json!([252, 168]),
+        "{capped}"
+    );
+    assert_eq!(capped["grid_thw"], serde_json::json!([1, 12, 18]));
+    assert_eq!(capped["image_size"], serde_json::json!([500, 375]));
+    let tokens = |d: &Value| d["prompt_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(
+        tokens(&full) - tokens(&capped),
+        234 - 54,
+        "{full}\n{capped}"
+    );
+
+    let bad = run(&["--max-pixels", "5000"])?;
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains("--max-pixels")
+            && stderr.contains("5000")
+            && stderr.contains("12544..=2007040"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -18,6 +18,14 @@ pub enum PrepError {
     #[error("frame {width}x{height}: absolute aspect ratio must be at most 200, got {ratio}")]
     AspectRatio { width: u32, height: u32, ratio: f64 },
 
+    /// `max_pixels` so small for this aspect ratio that smart_resize's short side floors to 0 rows.
+    #[error("frame {width}x{height}: max_pixels {max_pixels} leaves the short side no 28 px row; raise max_pixels or crop the frame")]
+    MaxPixelsTooSmall {
+        width: u32,
+        height: u32,
+        max_pixels: u64,
+    },
+
     /// A plane does not fit in the buffer the decoder handed us.
     #[error("{format:?} frame {width}x{height}: plane {plane} needs bytes {offset}..{end} (stride {stride}) but the buffer has {len}")]
     BufferTooSmall {

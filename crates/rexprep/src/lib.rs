@@ -33,7 +33,9 @@ pub mod tensor;
 pub use color::{yuv_to_rgb, YuvToRgb};
 pub use error::PrepError;
 pub use frame::{ChromaSite, ColorMatrix, ColorRange, Colorimetry, Frame, PixelFormat};
-pub use smart_resize::{smart_resize, FACTOR, MAX_PIXELS, MIN_PIXELS};
+pub use smart_resize::{
+    check_max_pixels, smart_resize, smart_resize_within, FACTOR, MAX_PIXELS, MIN_PIXELS,
+};
 
 /// The model input for one frame.
 #[derive(Debug, Clone)]
@@ -57,8 +59,16 @@ impl Prepared {
 
 /// The resized uint8 RGB image (w'·h'·3, packed) and its size (w', h'): the bit-exact intermediate.
 pub fn resize_frame(frame: &Frame) -> Result<(Vec<u8>, (u32, u32)), PrepError> {
+    resize_frame_within(frame, MAX_PIXELS)
+}
+
+/// [`resize_frame`] with the model input capped at `max_pixels` ([`smart_resize_within`]).
+pub fn resize_frame_within(
+    frame: &Frame,
+    max_pixels: u64,
+) -> Result<(Vec<u8>, (u32, u32)), PrepError> {
     frame.check()?;
-    let (h2, w2) = smart_resize(frame.height, frame.width)?;
+    let (h2, w2) = smart_resize_within(frame.height, frame.width, max_pixels)?;
     let rgb_owned;
     let (rgb, stride): (&[u8], usize) = match frame.format {
         PixelFormat::Rgb => (frame.plane(0), frame.strides[0]),
@@ -76,7 +86,13 @@ pub fn resize_frame(frame: &Frame) -> Result<(Vec<u8>, (u32, u32)), PrepError> {
 /// CPU reference path: frame in, `pixel_values` + `grid_thw` out, identical to the HF slow
 /// `Qwen2VLImageProcessor` with Rex-Omni's bounds (spec §1.1) for RGB input.
 pub fn prepare(frame: &Frame) -> Result<Prepared, PrepError> {
-    let (resized, (w2, h2)) = resize_frame(frame)?;
+    prepare_within(frame, MAX_PIXELS)
+}
+
+/// [`prepare`] with the model input capped at `max_pixels` ([`smart_resize_within`]): the processor's
+/// `max_pixels` argument, for fewer image tokens per frame.
+pub fn prepare_within(frame: &Frame, max_pixels: u64) -> Result<Prepared, PrepError> {
+    let (resized, (w2, h2)) = resize_frame_within(frame, max_pixels)?;
     let pixel_values = patchify::patchify(&resized, w2 as usize, h2 as usize);
     Ok(Prepared {
         pixel_values,

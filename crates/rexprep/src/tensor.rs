@@ -29,6 +29,9 @@ pub struct PreparedTensor {
 /// Prepares frames for one device; the path is chosen once, when it is built.
 pub struct TensorPrep {
     device: Device,
+    /// The model input's pixel cap (`crate::smart_resize_within`): Rex-Omni's unless
+    /// [`TensorPrep::with_max_pixels`] lowers it.
+    max_pixels: u64,
     #[cfg(feature = "cuda")]
     cuda: Option<(crate::cuda::CudaPrep, candle_core::CudaDevice)>,
 }
@@ -49,6 +52,7 @@ impl TensorPrep {
         };
         let prep = TensorPrep {
             device: device.clone(),
+            max_pixels: crate::MAX_PIXELS,
             #[cfg(feature = "cuda")]
             cuda,
         };
@@ -57,6 +61,13 @@ impl TensorPrep {
             tracing::info!(message = "Preprocessing path selected.", path = prep.path(), device = ?device.location())
         });
         prep
+    }
+
+    /// The same preparer with the model input capped at `max_pixels` (`[model] max_pixels`, `rexstream detect
+    /// --max-pixels`): fewer image tokens, so cheaper vision and prefill, for less detail.
+    pub fn with_max_pixels(mut self, max_pixels: u64) -> TensorPrep {
+        self.max_pixels = max_pixels;
+        self
     }
 
     /// `"cuda"` (rexprep's kernels on the device) or `"cpu"` (the reference path).
@@ -75,7 +86,7 @@ impl TensorPrep {
         if let Some((kernels, dev)) = &self.cuda {
             use candle_core::cuda_backend::CudaStorage;
             use candle_core::op::BackpropOp;
-            let p = kernels.prepare(frame)?;
+            let p = kernels.prepare_within(frame, self.max_pixels)?;
             kernels
                 .stream()
                 .synchronize()
@@ -97,7 +108,7 @@ impl TensorPrep {
                 resized: p.resized,
             });
         }
-        let p = crate::prepare(frame)?;
+        let p = crate::prepare_within(frame, self.max_pixels)?;
         let rows = p.pixel_values.len() / patchify::ROW;
         Ok(PreparedTensor {
             pixel_values: Tensor::from_vec(p.pixel_values, (rows, patchify::ROW), &self.device)?,
@@ -128,6 +139,28 @@ mod tests {
             [p.pixel_values.len() / patchify::ROW, patchify::ROW]
         );
         let values: Vec<f32> = t.pixel_values.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(values, p.pixel_values);
+    }
+
+    #[test]
+    fn a_lower_pixel_cap_gives_fewer_image_tokens_and_the_capped_reference_values() {
+        let rgb: Vec<u8> = (0..640 * 480 * 3).map(|i| (i * 13 % 256) as u8).collect();
+        let frame = Frame::rgb(640, 480, &rgb);
+        let full = TensorPrep::new(&Device::Cpu).prepare(&frame).unwrap();
+        let capped = TensorPrep::new(&Device::Cpu)
+            .with_max_pixels(200_704)
+            .prepare(&frame)
+            .unwrap();
+        assert_eq!((full.resized, full.num_image_tokens), ((644, 476), 391));
+        // smart_resize(480, 640, max_pixels=200704) = (364, 504): 13 × 18 merged tokens.
+        assert_eq!((capped.resized, capped.num_image_tokens), ((504, 364), 234));
+        let p = crate::prepare_within(&frame, 200_704).unwrap();
+        let values: Vec<f32> = capped
+            .pixel_values
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(values, p.pixel_values);
     }
 }

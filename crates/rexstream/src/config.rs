@@ -94,6 +94,11 @@ pub struct ModelConfig {
     /// on; same ids. `false` runs static batches.
     #[serde(default = "default_continuous_batching")]
     pub continuous_batching: bool,
+    /// Most pixels of the model's input image (the processor's `max_pixels`): a larger frame is scaled down to
+    /// about this many pixels (multiples of 28 a side, aspect kept) before the vision tower. Vision and prefill
+    /// cost grows with it; lower it for more frames/s at less detail. Default and ceiling: Rex-Omni's 2 007 040.
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
 }
 
 fn default_source() -> String {
@@ -126,6 +131,9 @@ const fn default_continuous_batching() -> bool {
 const fn default_max_objects() -> usize {
     100
 }
+const fn default_max_pixels() -> u64 {
+    rexprep::MAX_PIXELS
+}
 
 impl Default for ModelConfig {
     fn default() -> Self {
@@ -140,6 +148,7 @@ impl Default for ModelConfig {
             drafts: default_drafts(),
             continuous_batching: default_continuous_batching(),
             max_objects: default_max_objects(),
+            max_pixels: default_max_pixels(),
         }
     }
 }
@@ -176,6 +185,9 @@ impl ModelConfig {
         }
         if self.source.trim().is_empty() {
             errs.push("model.source", "is empty".to_string());
+        }
+        if let Err(why) = rexprep::check_max_pixels(self.max_pixels) {
+            errs.push("model.max_pixels", why);
         }
     }
 }
@@ -401,6 +413,7 @@ mod tests {
         assert!(!off.model.drafts);
         assert!(!off.model.continuous_batching);
         assert_eq!(off.model.max_objects, 0);
+        assert_eq!(p.model.max_pixels, rexprep::MAX_PIXELS);
         assert_eq!(
             p.streams[0].min_interval,
             std::time::Duration::from_millis(200)
@@ -445,6 +458,22 @@ categories = ["dog"]
             "{e}"
         );
         assert_eq!(lines.len(), 3, "{e}");
+    }
+
+    #[test]
+    fn max_pixels_outside_the_models_range_names_file_field_and_value() {
+        let stream =
+            "[[streams]]\nname = \"door\"\nuri = \"rtsp://cam/1\"\ncategories = [\"person\"]\n";
+        let low = check(&format!("[model]\nmax_pixels = 5000\n{stream}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            low.trim(),
+            "pipelines/lab.toml: model.max_pixels: 5000 is not in 12544..=2007040 (16·28·28 up to Rex-Omni's 2560·28·28 pixels)"
+        );
+        assert!(check(&format!("[model]\nmax_pixels = 3000000\n{stream}"), &[]).is_err());
+        let ok = check(&format!("[model]\nmax_pixels = 200704\n{stream}"), &[]).unwrap();
+        assert_eq!(ok.model.max_pixels, 200_704);
     }
 
     #[test]

@@ -70,6 +70,17 @@ pub struct DetectArgs {
     /// Runaway guard: stop after more than this many shapes (ignored with `--exact`).
     #[arg(long, default_value_t = 100)]
     pub max_objects: usize,
+    /// Most pixels of the model's input (as `[model] max_pixels`): a larger image is scaled down to about this
+    /// many before the vision tower, for less vision and prefill work at less detail. 12544..=2007040.
+    #[arg(long, default_value_t = rexprep::MAX_PIXELS, value_parser = parse_max_pixels)]
+    pub max_pixels: u64,
+}
+
+fn parse_max_pixels(s: &str) -> Result<u64, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of pixels"))?;
+    rexprep::check_max_pixels(n).map(|()| n)
 }
 
 /// The draft ids in `path`, a document printed by `rexstream detect` for `model`.
@@ -218,7 +229,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
         .to_rgb8();
     let (w, h) = img.dimensions();
     let frame = rexprep::Frame::rgb(w, h, img.as_raw());
-    let preparer = TensorPrep::new(model.device());
+    let preparer = TensorPrep::new(model.device()).with_max_pixels(args.max_pixels);
     let t_prep = Instant::now();
     let prep = preparer
         .prepare(&frame)

@@ -104,6 +104,7 @@ pub fn spawn(
     batches: Receiver<Batch>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let (device_spec, dtype_spec) = (model.device.clone(), model.dtype.clone());
+    let max_pixels = model.max_pixels;
     let weights = rexomni::engine::Weights::parse(&model.weights).unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<anyhow::Result<()>>(1);
     let handle = std::thread::Builder::new()
@@ -122,7 +123,7 @@ pub fn spawn(
             match loaded {
                 Ok(engine) => {
                     let _ = ready_tx.send(Ok(()));
-                    let prep = TensorPrep::new(engine.device());
+                    let prep = TensorPrep::new(engine.device()).with_max_pixels(max_pixels);
                     Worker { engine, prep, ctx, last_error_log: None, previous: PreviousAnswers::default() }.run(credits, batches);
                 }
                 Err(e) => {

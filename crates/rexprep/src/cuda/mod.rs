@@ -24,7 +24,8 @@ use cudarc::driver::{
 use crate::resize::Coeffs;
 use crate::resize::ResizePlan;
 use crate::{
-    normalize, patchify, smart_resize, ChromaSite, Frame, PixelFormat, PrepError, YuvToRgb,
+    normalize, patchify, smart_resize_within, ChromaSite, Frame, PixelFormat, PrepError, YuvToRgb,
+    MAX_PIXELS,
 };
 
 static PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prep.ptx"));
@@ -187,27 +188,48 @@ impl CudaPrep {
 
     /// Host frame → device `pixel_values`: uploads the planes as they are (compact YUV), then runs the kernels.
     pub fn prepare(&self, frame: &Frame) -> Result<CudaPrepared, PrepError> {
+        self.prepare_within(frame, MAX_PIXELS)
+    }
+
+    /// [`CudaPrep::prepare`] with the model input capped at `max_pixels` (`crate::smart_resize_within`).
+    pub fn prepare_within(
+        &self,
+        frame: &Frame,
+        max_pixels: u64,
+    ) -> Result<CudaPrepared, PrepError> {
         frame.check()?;
         let dev = self
             .stream
             .clone_htod(frame.data)
             .map_err(err("upload frame"))?;
-        self.prepare_device(&DeviceFrame {
-            width: frame.width,
-            height: frame.height,
-            format: frame.format,
-            data: &dev,
-            strides: frame.strides,
-            offsets: frame.offsets,
-            colorimetry: frame.colorimetry,
-            chroma_site: frame.chroma_site,
-        })
+        self.prepare_device_within(
+            &DeviceFrame {
+                width: frame.width,
+                height: frame.height,
+                format: frame.format,
+                data: &dev,
+                strides: frame.strides,
+                offsets: frame.offsets,
+                colorimetry: frame.colorimetry,
+                chroma_site: frame.chroma_site,
+            },
+            max_pixels,
+        )
     }
 
     /// Device frame → device `pixel_values`, all on this stream (asynchronous: the caller's next kernel on
     /// the same stream sees the result).
     pub fn prepare_device(&self, f: &DeviceFrame) -> Result<CudaPrepared, PrepError> {
-        let (h2, w2) = smart_resize(f.height, f.width)?;
+        self.prepare_device_within(f, MAX_PIXELS)
+    }
+
+    /// [`CudaPrep::prepare_device`] with the model input capped at `max_pixels`.
+    pub fn prepare_device_within(
+        &self,
+        f: &DeviceFrame,
+        max_pixels: u64,
+    ) -> Result<CudaPrepared, PrepError> {
+        let (h2, w2) = smart_resize_within(f.height, f.width, max_pixels)?;
         let resized = self.resize_device(f, w2, h2)?;
         let (w2u, h2u) = (w2 as usize, h2 as usize);
         let n = (h2u / 14) * (w2u / 14) * crate::patchify::ROW;
