@@ -477,3 +477,63 @@ fn file_source_runs_to_its_end_then_the_process_exits() -> Result<()> {
     );
     Ok(())
 }
+
+/// `max_pixels` per stream and from `[model]`, through the worker: two looping copies of one 480×360 file, one
+/// at the default cap and one at its own `max_pixels = 50176`. transformers' `smart_resize(360, 480)` gives
+/// 364×476 (13 × 17 = 221 image tokens) at Rex-Omni's cap and 168×252 (6 × 9 = 54) at 50 176, so each stream's
+/// `rexstream_image_tokens_total` must be a whole number of its own frames' tokens (221 and 54 are coprime: a
+/// few dozen frames cannot make one count a multiple of both).
+#[test]
+fn max_pixels_caps_each_streams_model_input() -> Result<()> {
+    let dir = TempDir::new("max-pixels")?;
+    let (broker_port, http_port) = (free_port()?, free_port()?);
+    let clip = rexstream_e2e::workspace_root().join("pipelines/media/demo.mp4");
+    let config = dir.path().join("max-pixels.toml");
+    let stream = |name: &str, extra: &str| {
+        format!(
+            "[[streams]]\nname = \"{name}\"\nuri = \"{}\"\nloop = true\nmax_fps = 100\ncategories = [\"cat\"]\n\
+             {extra}[streams.motion]\nenabled = false\n",
+            clip.display()
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\nmax_batch = 2\nmax_new_tokens = 4\n[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{http_port}\"\n{}{}",
+            stream("full", ""),
+            stream("capped", "max_pixels = 50176\n"),
+        ),
+    )?;
+    let mut rex = Rexstream::run(&config, &tiny_model()?, Some(http_port))?;
+    rex.wait_healthy(Duration::from_secs(120))?;
+    let tokens = |m: &str, s| metric_sum(m, "rexstream_image_tokens_total", &[("stream", s)]);
+    let processed =
+        |m: &str, s| metric_sum(m, "rexstream_frames_processed_total", &[("stream", s)]);
+    let metrics = wait_until(
+        "three frames of each stream",
+        Duration::from_secs(120),
+        || {
+            let m = rex.metrics().ok()?;
+            (processed(&m, "full") >= 3.0 && processed(&m, "capped") >= 3.0).then_some(m)
+        },
+    )?;
+    let (full, capped) = (
+        tokens(&metrics, "full") as u64,
+        tokens(&metrics, "capped") as u64,
+    );
+    println!(
+        "image tokens: full {full} over {} frames processed, capped {capped} over {}",
+        processed(&metrics, "full"),
+        processed(&metrics, "capped")
+    );
+    assert!(
+        full >= 3 * 221 && full % 221 == 0 && full % 54 != 0,
+        "full: {full}"
+    );
+    assert!(
+        capped >= 3 * 54 && capped % 54 == 0 && capped % 221 != 0,
+        "capped: {capped}"
+    );
+    Ok(())
+}

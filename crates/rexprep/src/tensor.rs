@@ -82,11 +82,20 @@ impl TensorPrep {
     /// The frame as the model's input. On the CUDA path this waits for the kernels, so a caller's timing
     /// of this call is the preprocessing time.
     pub fn prepare(&self, frame: &Frame) -> Result<PreparedTensor, PrepError> {
+        self.prepare_within(frame, self.max_pixels)
+    }
+
+    /// [`TensorPrep::prepare`] with this frame's model input capped at `max_pixels` (a stream's own cap).
+    pub fn prepare_within(
+        &self,
+        frame: &Frame,
+        max_pixels: u64,
+    ) -> Result<PreparedTensor, PrepError> {
         #[cfg(feature = "cuda")]
         if let Some((kernels, dev)) = &self.cuda {
             use candle_core::cuda_backend::CudaStorage;
             use candle_core::op::BackpropOp;
-            let p = kernels.prepare_within(frame, self.max_pixels)?;
+            let p = kernels.prepare_within(frame, max_pixels)?;
             kernels
                 .stream()
                 .synchronize()
@@ -108,7 +117,7 @@ impl TensorPrep {
                 resized: p.resized,
             });
         }
-        let p = crate::prepare_within(frame, self.max_pixels)?;
+        let p = crate::prepare_within(frame, max_pixels)?;
         let rows = p.pixel_values.len() / patchify::ROW;
         Ok(PreparedTensor {
             pixel_values: Tensor::from_vec(p.pixel_values, (rows, patchify::ROW), &self.device)?,

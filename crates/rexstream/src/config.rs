@@ -474,6 +474,17 @@ categories = ["dog"]
         assert!(check(&format!("[model]\nmax_pixels = 3000000\n{stream}"), &[]).is_err());
         let ok = check(&format!("[model]\nmax_pixels = 200704\n{stream}"), &[]).unwrap();
         assert_eq!(ok.model.max_pixels, 200_704);
+        assert_eq!(ok.streams[0].max_pixels, None);
+        // A stream's own cap, checked the same way.
+        let own = check(&format!("{stream}max_pixels = 50176\n"), &[]).unwrap();
+        assert_eq!(own.streams[0].max_pixels, Some(50_176));
+        let bad = check(&format!("{stream}max_pixels = 0\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            bad.trim(),
+            "pipelines/lab.toml: streams[0].max_pixels: 0 is not in 12544..=2007040 (16·28·28 up to Rex-Omni's 2560·28·28 pixels)"
+        );
     }
 
     #[test]

@@ -201,6 +201,7 @@ pub struct Metrics {
     registry: Registry,
     frames_received: IntCounterVec,
     frames_processed: IntCounterVec,
+    image_tokens: IntCounterVec,
     frames_dropped: IntCounterVec,
     stream_up: IntGaugeVec,
     motion_active: IntGaugeVec,
@@ -232,6 +233,8 @@ pub struct StreamMetrics {
     pub name: String,
     pub frames_received: IntCounter,
     pub frames_processed: IntCounter,
+    /// Image tokens of the frames sent to the model (pixels of the model input / 784): vision and prefill work.
+    pub image_tokens: IntCounter,
     dropped: HashMap<DropReason, IntCounter>,
     /// 1 while frames are flowing, 0 while the source is down or reconnecting.
     pub up: IntGauge,
@@ -361,6 +364,12 @@ impl Metrics {
                 "Frames that went through the detector and produced a detections document.",
                 &["stream"],
             ),
+            image_tokens: counter_vec(
+                &r,
+                "rexstream_image_tokens_total",
+                "Image tokens of the frames prepared for the model (model input pixels / 784; [model] max_pixels caps them).",
+                &["stream"],
+            ),
             frames_dropped: counter_vec(
                 &r,
                 "rexstream_frames_dropped_total",
@@ -472,6 +481,7 @@ impl Metrics {
             name: stream.to_string(),
             frames_received: self.frames_received.with_label_values(&[stream]),
             frames_processed: self.frames_processed.with_label_values(&[stream]),
+            image_tokens: self.image_tokens.with_label_values(&[stream]),
             dropped: DropReason::ALL
                 .iter()
                 .map(|r| {

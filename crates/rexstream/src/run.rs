@@ -185,6 +185,11 @@ async fn run_async(pipeline: Pipeline, source: String, idle_replica: bool) -> Re
         max_objects: (pipeline.model.max_objects > 0).then_some(pipeline.model.max_objects),
         max_batch: pipeline.model.max_batch.get(),
         continuous: pipeline.model.continuous_batching,
+        max_pixels: pipeline
+            .streams
+            .iter()
+            .map(|s| s.max_pixels.unwrap_or(pipeline.model.max_pixels))
+            .collect(),
     };
     let model_cfg = pipeline.model.clone();
     let worker = {

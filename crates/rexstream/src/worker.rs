@@ -92,6 +92,8 @@ pub struct WorkerContext {
     pub max_batch: usize,
     /// `[model] continuous_batching`: frames join the decode batch between steps (`worker/continuous.rs`).
     pub continuous: bool,
+    /// Each stream's model input cap (its `max_pixels`, else `[model] max_pixels`), indexed like `streams`.
+    pub max_pixels: Vec<u64>,
 }
 
 /// Load the model on a new thread and run batches there. Returns once the model is loaded (or
@@ -104,7 +106,6 @@ pub fn spawn(
     batches: Receiver<Batch>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let (device_spec, dtype_spec) = (model.device.clone(), model.dtype.clone());
-    let max_pixels = model.max_pixels;
     let weights = rexomni::engine::Weights::parse(&model.weights).unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<anyhow::Result<()>>(1);
     let handle = std::thread::Builder::new()
@@ -123,7 +124,7 @@ pub fn spawn(
             match loaded {
                 Ok(engine) => {
                     let _ = ready_tx.send(Ok(()));
-                    let prep = TensorPrep::new(engine.device()).with_max_pixels(max_pixels);
+                    let prep = TensorPrep::new(engine.device());
                     Worker { engine, prep, ctx, last_error_log: None, previous: PreviousAnswers::default() }.run(credits, batches);
                 }
                 Err(e) => {
@@ -348,13 +349,17 @@ impl Worker {
 
     /// Frame + prompt → one generate request (preprocess and prompt ids).
     fn request(&self, frame: &Frame, prompt: &TaskPrompt) -> anyhow::Result<GenerateRequest> {
-        let prepared = self.prep.prepare(&frame.as_prep())?;
+        let cap = self.ctx.max_pixels[frame.stream_index];
+        let prepared = self.prep.prepare_within(&frame.as_prep(), cap)?;
         let prompt_ids = self.engine.tokenizer().encode_chat(
             prompt,
             frame.width,
             frame.height,
             prepared.num_image_tokens,
         )?;
+        self.ctx.streams[frame.stream_index]
+            .image_tokens
+            .inc_by(prepared.num_image_tokens as u64);
         Ok(GenerateRequest {
             pixel_values: prepared.pixel_values,
             grid_thw: prepared.grid_thw,

@@ -92,6 +92,9 @@ pub struct StreamConfig {
     /// `[streams.motion]`: drop frames of a still scene before the detector (on by default).
     #[serde(default)]
     pub motion: super::motion::MotionConfig,
+    /// Most pixels of this stream's model input, as `[model] max_pixels` (which it overrides for this stream).
+    #[serde(default)]
+    pub max_pixels: Option<u64>,
 }
 
 const fn default_latency_ms() -> u32 {
@@ -271,6 +274,8 @@ pub struct ResolvedStream {
     pub zones: Vec<crate::tracking::zones::ZoneConfig>,
     pub required_zones: Vec<String>,
     pub motion: super::motion::MotionConfig,
+    /// The stream's own `max_pixels`, if set; `None` takes `[model] max_pixels`.
+    pub max_pixels: Option<u64>,
 }
 
 /// True for names usable as one MQTT topic level and a Prometheus label value without escaping.
@@ -472,6 +477,10 @@ impl StreamConfig {
             );
         }
 
+        if let Some(Err(why)) = self.max_pixels.map(rexprep::check_max_pixels) {
+            errs.push(at("max_pixels"), why);
+        }
+
         if errs.len() > before {
             return None;
         }
@@ -492,6 +501,7 @@ impl StreamConfig {
             zones: self.zones.clone(),
             required_zones: self.required_zones.clone(),
             motion: self.motion.clone(),
+            max_pixels: self.max_pixels,
         })
     }
 }
