@@ -100,8 +100,9 @@ fn detect_annotate_writes_a_png_consistent_with_the_json() -> Result<()> {
 }
 
 /// `--max-pixels` (as `[model] max_pixels`): a 500×375 image capped at 50 176 pixels reaches the model at
-/// transformers' `smart_resize(375, 500, max_pixels=50176)` = 252×168 (54 image tokens instead of 234), and
-/// boxes still convert against the original size; a cap outside the model's range is refused with its value.
+/// transformers' `smart_resize(375, 500, max_pixels=50176)` = 252×168 (54 image tokens instead of 234) while
+/// the document keeps the original size (what boxes convert against); a cap outside the model's range is refused
+/// with its value.
 #[test]
 fn detect_max_pixels_shrinks_the_model_input_and_refuses_bad_caps() -> Result<()> {
     let root = workspace_root();

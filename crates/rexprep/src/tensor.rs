@@ -29,9 +29,6 @@ pub struct PreparedTensor {
 /// Prepares frames for one device; the path is chosen once, when it is built.
 pub struct TensorPrep {
     device: Device,
-    /// The model input's pixel cap (`crate::smart_resize_within`): Rex-Omni's unless
-    /// [`TensorPrep::with_max_pixels`] lowers it.
-    max_pixels: u64,
     #[cfg(feature = "cuda")]
     cuda: Option<(crate::cuda::CudaPrep, candle_core::CudaDevice)>,
 }
@@ -52,7 +49,6 @@ impl TensorPrep {
         };
         let prep = TensorPrep {
             device: device.clone(),
-            max_pixels: crate::MAX_PIXELS,
             #[cfg(feature = "cuda")]
             cuda,
         };
@@ -61,13 +57,6 @@ impl TensorPrep {
             tracing::info!(message = "Preprocessing path selected.", path = prep.path(), device = ?device.location())
         });
         prep
-    }
-
-    /// The same preparer with the model input capped at `max_pixels` (`[model] max_pixels`, `rexstream detect
-    /// --max-pixels`): fewer image tokens, so cheaper vision and prefill, for less detail.
-    pub fn with_max_pixels(mut self, max_pixels: u64) -> TensorPrep {
-        self.max_pixels = max_pixels;
-        self
     }
 
     /// `"cuda"` (rexprep's kernels on the device) or `"cpu"` (the reference path).
@@ -82,10 +71,11 @@ impl TensorPrep {
     /// The frame as the model's input. On the CUDA path this waits for the kernels, so a caller's timing
     /// of this call is the preprocessing time.
     pub fn prepare(&self, frame: &Frame) -> Result<PreparedTensor, PrepError> {
-        self.prepare_within(frame, self.max_pixels)
+        self.prepare_within(frame, crate::MAX_PIXELS)
     }
 
-    /// [`TensorPrep::prepare`] with this frame's model input capped at `max_pixels` (a stream's own cap).
+    /// [`TensorPrep::prepare`] with the model input capped at `max_pixels` (`[model] max_pixels`, a stream's
+    /// own, `rexstream detect --max-pixels`): fewer image tokens, so cheaper vision and prefill, for less detail.
     pub fn prepare_within(
         &self,
         frame: &Frame,
@@ -157,8 +147,7 @@ mod tests {
         let frame = Frame::rgb(640, 480, &rgb);
         let full = TensorPrep::new(&Device::Cpu).prepare(&frame).unwrap();
         let capped = TensorPrep::new(&Device::Cpu)
-            .with_max_pixels(200_704)
-            .prepare(&frame)
+            .prepare_within(&frame, 200_704)
             .unwrap();
         assert_eq!((full.resized, full.num_image_tokens), ((644, 476), 391));
         // smart_resize(480, 640, max_pixels=200704) = (364, 504): 13 × 18 merged tokens.

@@ -229,10 +229,10 @@ pub fn run(args: DetectArgs) -> Result<()> {
         .to_rgb8();
     let (w, h) = img.dimensions();
     let frame = rexprep::Frame::rgb(w, h, img.as_raw());
-    let preparer = TensorPrep::new(model.device()).with_max_pixels(args.max_pixels);
+    let preparer = TensorPrep::new(model.device());
     let t_prep = Instant::now();
     let prep = preparer
-        .prepare(&frame)
+        .prepare_within(&frame, args.max_pixels)
         .with_context(|| format!("--image {}: preprocessing", args.image.display()))?;
     let ids = model
         .tokenizer()
